@@ -1,0 +1,179 @@
+""" Focused linear attention (FLatten Transformer, Han et al., ICCV 2023).
+
+Linear attention with a ReLU kernel sharpened by a norm-preserving power ("focusing"), a learnable
+per-channel scale, a learnable key positional encoding, and a depthwise conv on V that restores the
+rank of the attention matrix. Keys/values may come from a spatially reduced grid (PVT).
+
+This is the one implementation of the math that every flatten_* family uses.
+"""
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .spatial_reduction import SpatialReduction, tokens_to_map, map_to_tokens
+
+__all__ = ['FocusedLinearAttention', 'focusing_map', 'linear_attention', 'resample_grid_tokens']
+
+
+def resample_grid_tokens(tokens: torch.Tensor, src_size: Tuple[int, int], dst_size: Tuple[int, int]) -> torch.Tensor:
+    """Bilinearly resize (1, h*w, C) tokens laid out on a src_size grid to dst_size."""
+    if tuple(src_size) == tuple(dst_size):
+        return tokens
+    grid = tokens_to_map(tokens, src_size)
+    grid = F.interpolate(grid.float(), size=tuple(dst_size), mode='bilinear', align_corners=False)
+    return map_to_tokens(grid).to(tokens.dtype)
+
+
+def focusing_map(x: torch.Tensor, scale: torch.Tensor, focusing_factor: float) -> torch.Tensor:
+    """phi_p(x): ReLU kernel, divided by a learned scale, raised to power p at unchanged L2 norm.
+
+    Computed in float32: the power overflows fp16 and loses the norm in bf16.
+    """
+    x = (F.relu(x.float()) + 1e-6) / scale.float()
+    x_norm = x.norm(dim=-1, keepdim=True)
+    x_pow = x ** focusing_factor
+    return (x_pow / x_pow.norm(dim=-1, keepdim=True)) * x_norm
+
+
+def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Multi-head linear attention phi(q) (phi(k)^T v) / (phi(q) . sum phi(k)).
+
+    q: (B, N, C), k and v: (B, n, C), already mapped; returns (B, N, C) with heads merged.
+    """
+    B, N, C = q.shape
+    n = k.shape[1]
+    q = q.reshape(B, N, num_heads, -1).transpose(1, 2)
+    k = k.reshape(B, n, num_heads, -1).transpose(1, 2)
+    v = v.reshape(B, n, num_heads, -1).transpose(1, 2)
+    z = 1 / (q @ k.mean(dim=-2, keepdim=True).transpose(-2, -1) + 1e-6)
+    # k^T v / n, each factor scaled by n**-0.5 to stay inside the fp16 range
+    kv = (k.transpose(-2, -1) * (n ** -0.5)) @ (v * (n ** -0.5))
+    x = q @ kv * z
+    return x.transpose(1, 2).reshape(B, N, C)
+
+
+class FocusedLinearAttention(nn.Module):
+    """ Focused linear attention over tokens on an H x W grid, (B, H*W, C) -> (B, H*W, C).
+
+    Args:
+        dim: channels.
+        num_heads: attention heads.
+        grid_size: query grid at the training resolution; sizes the key positional encoding.
+        qkv_bias: bias in the q/k/v projections.
+        sr_ratio: keys/values from a conv with kernel = stride = sr_ratio (PVT); 1 for none.
+        pool_size: keys/values from an adaptive pool to pool_size x pool_size (PVTv2 "linear" mode).
+        focusing_factor: the power p of the focusing function (3 in the released models).
+        kernel_size: kernel of the rank-restoring depthwise conv on V (5 in the released models).
+        proj_drop: dropout after the output projection.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int = 8,
+            grid_size: Tuple[int, int] = (14, 14),
+            qkv_bias: bool = True,
+            sr_ratio: int = 1,
+            pool_size: Optional[int] = None,
+            focusing_factor: float = 3,
+            kernel_size: int = 5,
+            proj_drop: float = 0.,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        if dim % num_heads:
+            raise ValueError(f'dim {dim} must be divisible by num_heads {num_heads}')
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.focusing_factor = focusing_factor
+
+        if sr_ratio > 1 or pool_size:
+            self.qkv = None
+            self.q = nn.Linear(dim, dim, bias=qkv_bias, **dd)
+            self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias, **dd)
+            self.sr = SpatialReduction(dim, sr_ratio, pool_size, **dd)
+            self.key_grid_size = self.sr.output_size(grid_size)
+        else:
+            # one fused projection when queries and keys see the same tokens
+            self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
+            self.q = self.kv = self.sr = None
+            self.key_grid_size = tuple(grid_size)
+
+        # one depthwise kernel shared by all heads, as in the paper
+        self.dwc = nn.Conv2d(self.head_dim, self.head_dim, kernel_size, padding=kernel_size // 2,
+                             groups=self.head_dim, **dd)
+        self.scale = nn.Parameter(torch.zeros(1, 1, dim, **dd))
+        self.positional_encoding = nn.Parameter(
+            torch.zeros(1, self.key_grid_size[0] * self.key_grid_size[1], dim, **dd))
+        self.proj = nn.Linear(dim, dim, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self._pe_cache: Dict[Tuple[int, int], Tuple[int, torch.Tensor]] = {}
+
+    def extra_repr(self) -> str:
+        return (f'dim={self.dim}, num_heads={self.num_heads}, focusing_factor={self.focusing_factor}, '
+                f'key_grid_size={self.key_grid_size}')
+
+    def key_positional_encoding(self, key_size: Tuple[int, int]) -> torch.Tensor:
+        """The key positional encoding resized to the actual key grid (cached for inference)."""
+        pe = self.positional_encoding
+        key_size = (int(key_size[0]), int(key_size[1]))
+        if key_size == tuple(self.key_grid_size):
+            return pe
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return resample_grid_tokens(pe, self.key_grid_size, key_size)
+        cached = self._pe_cache.get(key_size)
+        if cached is None or cached[0] != pe._version or cached[1].device != pe.device or cached[1].dtype != pe.dtype:
+            cached = (pe._version, resample_grid_tokens(pe, self.key_grid_size, key_size))
+            self._pe_cache[key_size] = cached
+        return cached[1]
+
+    def project(self, x: torch.Tensor, feat_size: Tuple[int, int]):
+        """Project (B, H*W, C) tokens to q, k, v; returns them and the key grid size."""
+        if self.qkv is not None:
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+            return q, k, v, feat_size
+        q = self.q(x)
+        x, key_size = self.sr(x, feat_size)
+        k, v = self.kv(x).chunk(2, dim=-1)
+        return q, k, v, key_size
+
+    def restore_rank(self, v: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
+        """Depthwise conv of V on the query grid, all heads at once (the kernel repeats per head)."""
+        B, n, C = v.shape
+        H, W = feat_size
+        v = v.transpose(1, 2)
+        if n != H * W:
+            # keys were reduced: stretch V back to N tokens along the flattened token axis (as released)
+            v = F.interpolate(v, size=H * W, mode='linear')
+        v = v.reshape(B, C, H, W)
+        weight = self.dwc.weight.repeat(self.num_heads, 1, 1, 1)
+        bias = self.dwc.bias.repeat(self.num_heads) if self.dwc.bias is not None else None
+        out = F.conv2d(v, weight.to(v.dtype), bias.to(v.dtype) if bias is not None else None,
+                       padding=self.dwc.padding, groups=C)
+        return map_to_tokens(out)
+
+    def attend(
+            self,
+            q: torch.Tensor,
+            k: torch.Tensor,
+            v: torch.Tensor,
+            feat_size: Tuple[int, int],
+            key_size: Tuple[int, int],
+    ) -> torch.Tensor:
+        """The focused linear attention of projected q (B, N, C), k, v (B, n, C), before the output projection."""
+        k = k + self.key_positional_encoding(key_size).to(k.dtype)
+        scale = F.softplus(self.scale)
+        q = focusing_map(q, scale, self.focusing_factor)
+        k = focusing_map(k, scale, self.focusing_factor)
+        x = linear_attention(q.to(v.dtype), k.to(v.dtype), v, self.num_heads)
+        return x + self.restore_rank(v, feat_size)
+
+    def forward(self, x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
+        q, k, v, key_size = self.project(x, feat_size)
+        x = self.attend(q, k, v, feat_size, key_size)
+        return self.proj_drop(self.proj(x))

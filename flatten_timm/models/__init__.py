@@ -1,0 +1,1 @@
+from .flatten_pvt import *

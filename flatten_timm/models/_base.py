@@ -1,0 +1,154 @@
+""" What every flatten_* model shares: input checks and the timm model API over `patch_embed -> stages -> norm`.
+
+A family provides `patch_embed`, `stages` (nn.Sequential; each stage has `grad_checkpointing` and
+`blocks`), `norm`, `head`, `head_drop`, `feature_info`, and sets `output_fmt` to the layout its
+stages pass along ('NCHW' or 'NHWC').
+"""
+from typing import List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.layers import get_device_dtype
+from timm.models._features import feature_take_indices
+
+__all__ = ['FlattenModel', 'resolve_stage_args']
+
+
+def resolve_stage_args(name: str, value, num_stages: int) -> tuple:
+    """A per-stage hyper-parameter given as one value or a sequence (a string like 'LLSS' counts as a sequence)."""
+    if isinstance(value, (list, tuple, str)):
+        if len(value) != num_stages:
+            raise ValueError(f'{name} needs {num_stages} values, one per stage, got {value!r}')
+        return tuple(value)
+    return (value,) * num_stages
+
+
+class FlattenModel(nn.Module):
+    output_fmt: str = 'NCHW'
+    min_input_size: int = 32
+
+    # ---- input validation -------------------------------------------------------------------
+    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
+        name = self.pretrained_cfg.get('architecture') if getattr(self, 'pretrained_cfg', None) else None
+        name = name or type(self).__name__
+        if x.ndim != 4:
+            raise ValueError(
+                f'{name} expects a batch of images shaped (batch, channels, height, width); got a tensor of '
+                f'shape {tuple(x.shape)}. Add a batch dimension with x.unsqueeze(0) for a single image.')
+        if x.shape[1] != self.in_chans:
+            raise ValueError(
+                f'{name} expects {self.in_chans} input channels but got {x.shape[1]} (input shape '
+                f'{tuple(x.shape)}). Convert the images to {self.in_chans} channels, or create the model with '
+                f'in_chans={x.shape[1]}.')
+        if min(x.shape[-2:]) < self.min_input_size:
+            raise ValueError(
+                f'{name} needs images of at least {self.min_input_size}x{self.min_input_size} pixels (it '
+                f'downsamples by 32); got {x.shape[-2]}x{x.shape[-1]}. Resize or pad the input.')
+        return x
+
+    # ---- timm model API ---------------------------------------------------------------------
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False):
+        return dict(
+            stem=r'^patch_embed',
+            blocks=r'^stages\.(\d+)' if coarse else [
+                (r'^stages\.(\d+)\.downsample', (0,)),
+                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
+                (r'^stages\.(\d+)\.(?:norm|pos_embed)', (99999,)),
+                (r'^norm', (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True):
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
+        self.num_classes = num_classes
+        if global_pool is not None:
+            if global_pool not in ('avg', ''):
+                raise ValueError(f"global_pool must be 'avg' or '' (none), got {global_pool!r}")
+            self.global_pool = global_pool
+        self.head = nn.Linear(self.num_features, num_classes, **get_device_dtype(self)) \
+            if num_classes > 0 else nn.Identity()
+        self.head.train(self.training)
+
+    def _to_nchw(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 3, 1, 2) if self.output_fmt == 'NHWC' else x
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """ Forward features that returns intermediates (stage outputs).
+
+        Args:
+            x: input images (B, C, H, W), any size of at least `min_input_size`.
+            indices: take the last n stages if int, all if None, the listed ones if a sequence.
+            norm: apply the final norm to the last stage's output when it is taken.
+            stop_early: stop after the last stage needed.
+            output_fmt: 'NCHW' or 'NHWC' for the intermediates.
+            intermediates_only: return only the intermediates.
+        """
+        if output_fmt not in ('NCHW', 'NHWC'):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        last_index = len(self.stages) - 1
+        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
+
+        intermediates = []
+        x = self.patch_embed(self._check_input(x))
+        for stage_index, stage in enumerate(stages):
+            x = stage(x)
+            if stage_index in take_indices:
+                x_inter = self.norm(x) if norm and stage_index == last_index else x
+                x_inter = self._to_nchw(x_inter)
+                intermediates.append(x_inter.permute(0, 2, 3, 1) if output_fmt == 'NHWC' else x_inter.contiguous())
+
+        if intermediates_only:
+            return intermediates
+        if len(stages) == len(self.stages):
+            x = self.norm(x)
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ):
+        """ Drop the stages (and optionally norm and head) not needed for the given intermediates."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        prune_end = max_index < len(self.stages) - 1
+        self.stages = self.stages[:max_index + 1]
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+        if prune_norm or prune_end:
+            self.norm = nn.Identity()
+        if prune_head or prune_end:
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(self._check_input(x))
+        x = self.stages(x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == 'avg':
+            x = x.mean(dim=(1, 2) if self.output_fmt == 'NHWC' else (2, 3))
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))

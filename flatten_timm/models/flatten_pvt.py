@@ -1,0 +1,338 @@
+""" FLatten-PVT: Pyramid Vision Transformer (v1) with focused linear attention
+
+Papers:
+* `FLatten Transformer: Vision Transformer using Focused Linear Attention` - https://arxiv.org/abs/2308.00442
+* `Pyramid Vision Transformer` - https://arxiv.org/abs/2102.12122
+
+Official code: https://github.com/LeapLabTHU/FLatten-Transformer
+Outputs equal the official models; official checkpoints convert on load (`checkpoint_filter_fn`).
+"""
+from functools import partial
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, LayerNorm2d, Mlp, PatchEmbed, to_2tuple, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.pvt_v2 import MlpWithDepthwiseConv
+
+from flatten_timm.layers import FocusedLinearAttention, SpatialReductionAttention, map_to_tokens, tokens_to_map
+from flatten_timm.layers import resample_grid_tokens
+from ._base import FlattenModel, resolve_stage_args
+from ._convert import fit_state_dict_to_model, fuse_qkv, rename_keys, unwrap_state_dict
+
+__all__ = ['FlattenPvt', 'FlattenPvtBlock', 'FlattenPvtStage', 'stage_drop_path_rates']
+
+
+def stage_drop_path_rates(drop_path_rate: float, depths: Sequence[int]):
+    """Stochastic depth rising linearly over all blocks, split per stage."""
+    rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+    return [rates[sum(depths[:i]):sum(depths[:i + 1])] for i in range(len(depths))]
+
+
+class FlattenPvtBlock(nn.Module):
+    """ Pre-norm block of PVT / PVTv2: focused linear ('L') or softmax ('S') spatial-reduction attention, then MLP."""
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            grid_size: Tuple[int, int],
+            attn_type: str = 'L',
+            mlp_ratio: float = 4.,
+            qkv_bias: bool = True,
+            sr_ratio: int = 1,
+            pool_size: Optional[int] = None,
+            focusing_factor: float = 3,
+            kernel_size: int = 5,
+            mlp_dwconv: bool = False,
+            proj_drop: float = 0.,
+            attn_drop: float = 0.,
+            drop_path: float = 0.,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            act_layer=nn.GELU,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        self.norm1 = norm_layer(dim, **dd)
+        if attn_type == 'L':
+            self.attn = FocusedLinearAttention(
+                dim, num_heads, grid_size=grid_size, qkv_bias=qkv_bias, sr_ratio=sr_ratio, pool_size=pool_size,
+                focusing_factor=focusing_factor, kernel_size=kernel_size, proj_drop=proj_drop, **dd)
+        elif attn_type == 'S':
+            self.attn = SpatialReductionAttention(
+                dim, num_heads, qkv_bias=qkv_bias, sr_ratio=sr_ratio, pool_size=pool_size,
+                attn_drop=attn_drop, proj_drop=proj_drop, **dd)
+        else:
+            raise ValueError(f"attn_type must be 'L' (focused linear) or 'S' (softmax), got {attn_type!r}")
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = norm_layer(dim, **dd)
+        hidden = int(dim * mlp_ratio)
+        self.mlp_dwconv = mlp_dwconv
+        if mlp_dwconv:
+            self.mlp = MlpWithDepthwiseConv(
+                dim, hidden, act_layer=act_layer, drop=proj_drop, extra_relu=pool_size is not None, **dd)
+        else:
+            self.mlp = Mlp(dim, hidden, act_layer=act_layer, drop=proj_drop, **dd)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def forward(self, x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
+        x = x + self.drop_path1(self.attn(self.norm1(x), feat_size))
+        y = self.norm2(x)
+        y = self.mlp(y, feat_size) if self.mlp_dwconv else self.mlp(y)
+        return x + self.drop_path2(y)
+
+
+class FlattenPvtStage(nn.Module):
+    """ One pyramid stage, NCHW in and out: optional downsampling embed, optional absolute position
+    embedding (PVT v1), blocks on tokens, optional norm (PVTv2)."""
+
+    def __init__(
+            self,
+            dim: int,
+            depth: int,
+            grid_size: Tuple[int, int],
+            downsample: Optional[nn.Module] = None,
+            pos_embed: bool = False,
+            stage_norm: bool = False,
+            drop_rate: float = 0.,
+            drop_path: Sequence[float] = (),
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            device=None,
+            dtype=None,
+            **block_kwargs,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        self.grad_checkpointing = False
+        self.grid_size = tuple(grid_size)
+        self.downsample = downsample
+        if pos_embed:
+            self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size[0] * self.grid_size[1], dim, **dd))
+            self.pos_drop = nn.Dropout(drop_rate)
+        else:
+            self.pos_embed = None
+        drop_path = list(drop_path) or [0.] * depth
+        self.blocks = nn.ModuleList([
+            FlattenPvtBlock(dim, grid_size=grid_size, drop_path=drop_path[i], norm_layer=norm_layer, **block_kwargs, **dd)
+            for i in range(depth)])
+        self.norm = norm_layer(dim, **dd) if stage_norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.downsample is not None:
+            x = self.downsample(x)
+        feat_size = (x.shape[-2], x.shape[-1])
+        x = map_to_tokens(x)
+        if self.pos_embed is not None:
+            x = self.pos_drop(x + resample_grid_tokens(self.pos_embed, self.grid_size, feat_size))
+        for blk in self.blocks:
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(blk, x, feat_size, use_reentrant=False)
+            else:
+                x = blk(x, feat_size)
+        return tokens_to_map(self.norm(x), feat_size)
+
+
+class FlattenPvt(FlattenModel):
+    """ FLatten-PVT (v1).
+
+    Stage i (of 4) embeds with a conv of kernel = stride (4, then 2), adds a learned position
+    embedding and runs its blocks; features are pooled WITHOUT a final norm, as released.
+
+    Args:
+        img_size: training resolution; sizes the position embeddings and key positional encodings.
+        attn_type: per stage, 'L' focused linear or 'S' softmax attention.
+        sr_ratios: spatial reduction of the softmax ('S') stages.
+        la_sr_ratios: spatial reduction of the focused linear ('L') stages (1 = none, as released).
+        focusing_factor, kernel_size: of the focused linear attention.
+    """
+
+    def __init__(
+            self,
+            img_size: Union[int, Tuple[int, int]] = 224,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'avg',
+            embed_dims: Sequence[int] = (64, 128, 320, 512),
+            depths: Sequence[int] = (2, 2, 2, 2),
+            num_heads: Sequence[int] = (1, 2, 5, 8),
+            mlp_ratios: Sequence[float] = (8, 8, 4, 4),
+            qkv_bias: bool = True,
+            attn_type: str = 'LLLL',
+            sr_ratios: Sequence[int] = (8, 4, 2, 1),
+            la_sr_ratios: Union[str, Sequence[int]] = '1111',
+            focusing_factor: float = 3,
+            kernel_size: int = 5,
+            drop_rate: float = 0.,
+            proj_drop_rate: float = 0.,
+            attn_drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        num_stages = len(depths)
+        embed_dims = resolve_stage_args('embed_dims', embed_dims, num_stages)
+        num_heads = resolve_stage_args('num_heads', num_heads, num_stages)
+        mlp_ratios = resolve_stage_args('mlp_ratios', mlp_ratios, num_stages)
+        attn_type = resolve_stage_args('attn_type', attn_type, num_stages)
+        sr_ratios = resolve_stage_args('sr_ratios', sr_ratios, num_stages)
+        la_sr_ratios = [int(r) for r in resolve_stage_args('la_sr_ratios', la_sr_ratios, num_stages)]
+        if global_pool not in ('avg', ''):
+            raise ValueError(f"global_pool must be 'avg' or '' (none), got {global_pool!r}")
+        img_size = to_2tuple(img_size)
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.global_pool = global_pool
+
+        embed_norm = partial(LayerNorm2d, eps=1e-5)
+        self.patch_embed = PatchEmbed(
+            img_size=None, patch_size=4, in_chans=in_chans, embed_dim=embed_dims[0], norm_layer=embed_norm,
+            flatten=False, output_fmt='NCHW', strict_img_size=False, dynamic_img_pad=True, **dd)
+
+        dpr = stage_drop_path_rates(drop_path_rate, depths)
+        self.feature_info = []
+        stages = []
+        for i in range(num_stages):
+            reduction = 4 * 2 ** i
+            downsample = None if i == 0 else PatchEmbed(
+                img_size=None, patch_size=2, in_chans=embed_dims[i - 1], embed_dim=embed_dims[i],
+                norm_layer=embed_norm, flatten=False, output_fmt='NCHW', strict_img_size=False,
+                dynamic_img_pad=True, **dd)
+            stages.append(FlattenPvtStage(
+                embed_dims[i],
+                depth=depths[i],
+                grid_size=(img_size[0] // reduction, img_size[1] // reduction),
+                downsample=downsample,
+                pos_embed=True,
+                drop_rate=drop_rate,
+                drop_path=dpr[i],
+                norm_layer=norm_layer,
+                num_heads=num_heads[i],
+                attn_type=attn_type[i],
+                mlp_ratio=mlp_ratios[i],
+                qkv_bias=qkv_bias,
+                sr_ratio=sr_ratios[i] if attn_type[i] == 'S' else la_sr_ratios[i],
+                focusing_factor=focusing_factor,
+                kernel_size=kernel_size,
+                proj_drop=proj_drop_rate,
+                attn_drop=attn_drop_rate,
+                **dd,
+            ))
+            self.feature_info.append(dict(num_chs=embed_dims[i], reduction=reduction, module=f'stages.{i}'))
+        self.stages = nn.Sequential(*stages)
+
+        # the released model pools the last stage without its final norm
+        self.norm = nn.Identity()
+        self.num_features = self.head_hidden_size = embed_dims[-1]
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.init_weights()
+
+    def init_weights(self):
+        for stage in self.stages:
+            trunc_normal_(stage.pos_embed, std=.02)
+        self.apply(_init_weights)
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return {f'stages.{i}.pos_embed' for i in range(len(self.stages))}
+
+
+def _init_weights(m: nn.Module):
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+def convert_official_pvt(state_dict, model):
+    """Rename official PVT / PVTv2 keys (patch_embed{i}, pos_embed{i}, block{i}.{j}, norm{i}) to this layout."""
+    rules = [
+        (r'^patch_embed1\.', 'patch_embed.'),
+        (r'^patch_embed(\d)\.', lambda m: f'stages.{int(m.group(1)) - 1}.downsample.'),
+        (r'^pos_embed(\d)$', lambda m: f'stages.{int(m.group(1)) - 1}.pos_embed'),
+        (r'^block(\d)\.', lambda m: f'stages.{int(m.group(1)) - 1}.blocks.'),
+        (r'^norm(\d)\.', lambda m: f'stages.{int(m.group(1)) - 1}.norm.'),
+        (r'\.attn\.sr\.', '.attn.sr.conv.'),
+        (r'\.attn\.norm\.', '.attn.sr.norm.'),
+        (r'\.mlp\.dwconv\.dwconv\.', '.mlp.dwconv.'),
+        # PVT v1 defines a final norm that its forward never applies
+        (r'^norm\..*', ''),
+    ]
+    state_dict = rename_keys(state_dict, rules)
+    return fuse_qkv(state_dict, model)
+
+
+def checkpoint_filter_fn(state_dict, model: FlattenPvt):
+    """ Official FLatten-PVT checkpoint (bare or under 'model') -> this layout, resized to the model."""
+    state_dict = unwrap_state_dict(state_dict)
+    if 'patch_embed1.proj.weight' in state_dict:
+        state_dict = convert_official_pvt(state_dict, model)
+    return fit_state_dict_to_model(state_dict, model)
+
+
+def _create_flatten_pvt(variant: str, pretrained: bool = False, **kwargs) -> FlattenPvt:
+    out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
+    return build_model_with_cfg(
+        FlattenPvt,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(flatten_sequential=True, out_indices=out_indices),
+        **kwargs,
+    )
+
+
+def _cfg(url: str = '', **kwargs):
+    return {
+        'url': url, 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+        'crop_pct': 0.875, 'crop_mode': 'squash', 'interpolation': 'bicubic', 'fixed_input_size': False,
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'patch_embed.proj', 'classifier': 'head',
+        'paper_ids': 'arXiv:2308.00442',
+        'paper_name': 'FLatten Transformer: Vision Transformer using Focused Linear Attention',
+        'origin_url': 'https://github.com/LeapLabTHU/FLatten-Transformer',
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'flatten_pvt_tiny': _cfg(),
+    'flatten_pvt_small': _cfg(),
+    'flatten_pvt_medium': _cfg(),
+    'flatten_pvt_large': _cfg(),
+})
+
+
+@register_model
+def flatten_pvt_tiny(pretrained: bool = False, **kwargs) -> FlattenPvt:
+    model_args = dict(depths=(2, 2, 2, 2))
+    return _create_flatten_pvt('flatten_pvt_tiny', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def flatten_pvt_small(pretrained: bool = False, **kwargs) -> FlattenPvt:
+    model_args = dict(depths=(3, 4, 6, 3))
+    return _create_flatten_pvt('flatten_pvt_small', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def flatten_pvt_medium(pretrained: bool = False, **kwargs) -> FlattenPvt:
+    model_args = dict(depths=(3, 4, 18, 3))
+    return _create_flatten_pvt('flatten_pvt_medium', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def flatten_pvt_large(pretrained: bool = False, **kwargs) -> FlattenPvt:
+    model_args = dict(depths=(3, 8, 27, 3))
+    return _create_flatten_pvt('flatten_pvt_large', pretrained=pretrained, **dict(model_args, **kwargs))

@@ -1,1 +1,2 @@
 from .flatten_pvt import *
+from .flatten_pvt_v2 import *

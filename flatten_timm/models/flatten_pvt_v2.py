@@ -1,0 +1,203 @@
+""" FLatten-PVTv2: Pyramid Vision Transformer v2 with focused linear attention
+
+Papers:
+* `FLatten Transformer: Vision Transformer using Focused Linear Attention` - https://arxiv.org/abs/2308.00442
+* `PVT v2: Improved Baselines with Pyramid Vision Transformer` - https://arxiv.org/abs/2106.13797
+
+Official code: https://github.com/LeapLabTHU/FLatten-Transformer
+Outputs equal the official models; official checkpoints convert on load (`checkpoint_filter_fn`).
+"""
+from functools import partial
+from typing import Sequence, Tuple, Union
+
+import math
+
+import torch
+import torch.nn as nn
+from timm.layers import to_2tuple, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+from flatten_timm.layers import ConvEmbed
+from ._base import FlattenModel, resolve_stage_args
+from ._convert import fit_state_dict_to_model, unwrap_state_dict
+from .flatten_pvt import FlattenPvtStage, _cfg, convert_official_pvt, stage_drop_path_rates
+
+__all__ = ['FlattenPvtV2']
+
+
+class FlattenPvtV2(FlattenModel):
+    """ FLatten-PVTv2.
+
+    Overlapping conv patch embeddings (7x7 stride 4, then 3x3 stride 2), no absolute position
+    embedding, an MLP with a depthwise 3x3 conv, and a norm after every stage.
+
+    Args:
+        img_size: training resolution; sizes the key positional encodings.
+        attn_type: per stage, 'L' focused linear or 'S' softmax attention.
+        sr_ratios: spatial reduction of the softmax ('S') stages.
+        la_sr_ratios: spatial reduction of the focused linear ('L') stages (1 = none, as released).
+        linear: PVTv2's "linear" mode: keys/values pooled to 7x7 (and a ReLU in the MLP).
+        focusing_factor, kernel_size: of the focused linear attention.
+    """
+
+    def __init__(
+            self,
+            img_size: Union[int, Tuple[int, int]] = 224,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'avg',
+            embed_dims: Sequence[int] = (64, 128, 320, 512),
+            depths: Sequence[int] = (2, 2, 2, 2),
+            num_heads: Sequence[int] = (1, 2, 5, 8),
+            mlp_ratios: Sequence[float] = (8, 8, 4, 4),
+            qkv_bias: bool = True,
+            attn_type: str = 'LLLL',
+            sr_ratios: Sequence[int] = (8, 4, 2, 1),
+            la_sr_ratios: Union[str, Sequence[int]] = '1111',
+            linear: bool = False,
+            focusing_factor: float = 3,
+            kernel_size: int = 5,
+            drop_rate: float = 0.,
+            proj_drop_rate: float = 0.,
+            attn_drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        num_stages = len(depths)
+        embed_dims = resolve_stage_args('embed_dims', embed_dims, num_stages)
+        num_heads = resolve_stage_args('num_heads', num_heads, num_stages)
+        mlp_ratios = resolve_stage_args('mlp_ratios', mlp_ratios, num_stages)
+        attn_type = resolve_stage_args('attn_type', attn_type, num_stages)
+        sr_ratios = resolve_stage_args('sr_ratios', sr_ratios, num_stages)
+        la_sr_ratios = [int(r) for r in resolve_stage_args('la_sr_ratios', la_sr_ratios, num_stages)]
+        if global_pool not in ('avg', ''):
+            raise ValueError(f"global_pool must be 'avg' or '' (none), got {global_pool!r}")
+        img_size = to_2tuple(img_size)
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.global_pool = global_pool
+
+        self.patch_embed = ConvEmbed(in_chans, embed_dims[0], kernel_size=7, stride=4, padding=3, **dd)
+
+        dpr = stage_drop_path_rates(drop_path_rate, depths)
+        self.feature_info = []
+        stages = []
+        for i in range(num_stages):
+            reduction = 4 * 2 ** i
+            downsample = None if i == 0 else ConvEmbed(
+                embed_dims[i - 1], embed_dims[i], kernel_size=3, stride=2, padding=1, **dd)
+            stages.append(FlattenPvtStage(
+                embed_dims[i],
+                depth=depths[i],
+                grid_size=(img_size[0] // reduction, img_size[1] // reduction),
+                downsample=downsample,
+                stage_norm=True,
+                drop_path=dpr[i],
+                norm_layer=norm_layer,
+                num_heads=num_heads[i],
+                attn_type=attn_type[i],
+                mlp_ratio=mlp_ratios[i],
+                qkv_bias=qkv_bias,
+                sr_ratio=1 if linear else (sr_ratios[i] if attn_type[i] == 'S' else la_sr_ratios[i]),
+                pool_size=7 if linear else None,
+                focusing_factor=focusing_factor,
+                kernel_size=kernel_size,
+                mlp_dwconv=True,
+                proj_drop=proj_drop_rate,
+                attn_drop=attn_drop_rate,
+                **dd,
+            ))
+            self.feature_info.append(dict(num_chs=embed_dims[i], reduction=reduction, module=f'stages.{i}'))
+        self.stages = nn.Sequential(*stages)
+
+        self.norm = nn.Identity()  # every stage ends in its own norm
+        self.num_features = self.head_hidden_size = embed_dims[-1]
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.apply(_init_weights)
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return set()
+
+
+def _init_weights(m: nn.Module):
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Conv2d):
+        fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+        nn.init.normal_(m.weight, 0, math.sqrt(2.0 / fan_out))
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+def checkpoint_filter_fn(state_dict, model: FlattenPvtV2):
+    """ Official FLatten-PVTv2 checkpoint (bare or under 'model') -> this layout, resized to the model."""
+    state_dict = unwrap_state_dict(state_dict)
+    if 'patch_embed1.proj.weight' in state_dict:
+        state_dict = convert_official_pvt(state_dict, model)
+    return fit_state_dict_to_model(state_dict, model)
+
+
+def _create_flatten_pvt_v2(variant: str, pretrained: bool = False, **kwargs) -> FlattenPvtV2:
+    out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
+    return build_model_with_cfg(
+        FlattenPvtV2,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(flatten_sequential=True, out_indices=out_indices),
+        **kwargs,
+    )
+
+
+default_cfgs = generate_default_cfgs({
+    'flatten_pvt_v2_b0': _cfg(),
+    'flatten_pvt_v2_b1': _cfg(),
+    'flatten_pvt_v2_b2': _cfg(),
+    'flatten_pvt_v2_b3': _cfg(),
+    'flatten_pvt_v2_b4': _cfg(),
+    'flatten_pvt_v2_b5': _cfg(),
+})
+
+
+@register_model
+def flatten_pvt_v2_b0(pretrained: bool = False, **kwargs) -> FlattenPvtV2:
+    model_args = dict(embed_dims=(32, 64, 160, 256), depths=(2, 2, 2, 2))
+    return _create_flatten_pvt_v2('flatten_pvt_v2_b0', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def flatten_pvt_v2_b1(pretrained: bool = False, **kwargs) -> FlattenPvtV2:
+    model_args = dict(depths=(2, 2, 2, 2))
+    return _create_flatten_pvt_v2('flatten_pvt_v2_b1', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def flatten_pvt_v2_b2(pretrained: bool = False, **kwargs) -> FlattenPvtV2:
+    model_args = dict(depths=(3, 4, 6, 3))
+    return _create_flatten_pvt_v2('flatten_pvt_v2_b2', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def flatten_pvt_v2_b3(pretrained: bool = False, **kwargs) -> FlattenPvtV2:
+    model_args = dict(depths=(3, 4, 18, 3))
+    return _create_flatten_pvt_v2('flatten_pvt_v2_b3', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def flatten_pvt_v2_b4(pretrained: bool = False, **kwargs) -> FlattenPvtV2:
+    model_args = dict(depths=(3, 8, 27, 3))
+    return _create_flatten_pvt_v2('flatten_pvt_v2_b4', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def flatten_pvt_v2_b5(pretrained: bool = False, **kwargs) -> FlattenPvtV2:
+    model_args = dict(depths=(3, 6, 40, 3), mlp_ratios=(4, 4, 4, 4))
+    return _create_flatten_pvt_v2('flatten_pvt_v2_b5', pretrained=pretrained, **dict(model_args, **kwargs))

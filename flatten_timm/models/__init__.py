@@ -1,2 +1,3 @@
 from .flatten_pvt import *
 from .flatten_pvt_v2 import *
+from .flatten_swin import *

@@ -1,0 +1,402 @@
+""" FLatten-Swin: Swin Transformer with focused linear attention
+
+Papers:
+* `FLatten Transformer: Vision Transformer using Focused Linear Attention` - https://arxiv.org/abs/2308.00442
+* `Swin Transformer: Hierarchical Vision Transformer using Shifted Windows` - https://arxiv.org/abs/2103.14030
+
+Official code: https://github.com/LeapLabTHU/FLatten-Transformer
+Outputs equal the official models; official checkpoints convert on load (`checkpoint_filter_fn`).
+Focused linear ('L') blocks use large windows (56 at 224, so the first two stages attend globally);
+softmax ('S') blocks are the usual shifted 7x7 (12x12 at 384) window attention. Windows are padded
+and cropped, so any input size works.
+"""
+import re
+from functools import partial
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from timm.layers import DropPath, Mlp, PatchEmbed, to_2tuple, trunc_normal_, use_fused_attn
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.swin_transformer import PatchMerging, window_partition, window_reverse
+
+from flatten_timm.layers import FocusedLinearAttention
+from ._base import FlattenModel, resolve_stage_args
+from ._convert import fit_state_dict_to_model, rename_keys, unwrap_state_dict
+from .flatten_pvt import _cfg, stage_drop_path_rates
+
+__all__ = ['FlattenSwin']
+
+Size = Tuple[int, int]
+
+
+def relative_position_index(window: Size, table_window: Size, device=None) -> torch.Tensor:
+    """(N, N) indices into a relative position bias table made for `table_window`, for a window <= it."""
+    coords = torch.stack(torch.meshgrid(
+        torch.arange(window[0], device=device), torch.arange(window[1], device=device), indexing='ij')).flatten(1)
+    rel = coords[:, :, None] - coords[:, None, :]
+    return (rel[0] + table_window[0] - 1) * (2 * table_window[1] - 1) + (rel[1] + table_window[1] - 1)
+
+
+def shifted_window_mask(padded_size: Size, window: Size, shift: Size, device=None) -> torch.Tensor:
+    """(num_windows, N, N) additive mask that keeps a shifted window from attending across the roll seam."""
+    def regions(w: int, s: int):
+        return (slice(0, -w), slice(-w, -s), slice(-s, None)) if s else (slice(None),)
+
+    img_mask = torch.zeros(1, padded_size[0], padded_size[1], 1, device=device)
+    region = 0
+    for h in regions(window[0], shift[0]):
+        for w in regions(window[1], shift[1]):
+            img_mask[:, h, w, :] = region
+            region += 1
+    windows = window_partition(img_mask, window).reshape(-1, window[0] * window[1])
+    mask = windows.unsqueeze(1) - windows.unsqueeze(2)
+    # -100 rather than -inf, as the released models were trained with it
+    return mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
+
+
+class WindowAttention(nn.Module):
+    """ Softmax window attention with a relative position bias (fused SDPA when enabled)."""
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            window_size: Size,
+            qkv_bias: bool = True,
+            attn_drop: float = 0.,
+            proj_drop: float = 0.,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.window_size = to_2tuple(window_size)
+        self.fused_attn = use_fused_attn()
+        num_offsets = (2 * self.window_size[0] - 1) * (2 * self.window_size[1] - 1)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(num_offsets, num_heads, **dd))
+        self.register_buffer('relative_position_index', relative_position_index(
+            self.window_size, self.window_size, device=device), persistent=False)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+        trunc_normal_(self.relative_position_bias_table, std=.02)
+
+    def relative_position_bias(self, window: Size) -> torch.Tensor:
+        if tuple(window) == self.window_size:
+            index = self.relative_position_index
+        else:  # a smaller window (small feature map) reads the part of the table it covers
+            index = relative_position_index(window, self.window_size, device=self.relative_position_index.device)
+        n = window[0] * window[1]
+        return self.relative_position_bias_table[index.reshape(-1)].reshape(n, n, -1).permute(2, 0, 1)
+
+    def forward(self, x: torch.Tensor, window: Size, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        B_, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B_, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = self.relative_position_bias(window).unsqueeze(0)
+        if mask is not None:
+            num_win = mask.shape[0]
+            bias = (bias.unsqueeze(1) + mask.unsqueeze(1).unsqueeze(0)).expand(B_ // num_win, -1, -1, -1, -1)
+            bias = bias.reshape(B_, self.num_heads, N, N)
+        bias = bias.to(q.dtype)
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=bias, dropout_p=self.attn_drop.p if self.training else 0.)
+        else:
+            attn = ((q * self.scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1)
+            x = self.attn_drop(attn) @ v
+        x = x.transpose(1, 2).reshape(B_, N, C)
+        return self.proj_drop(self.proj(x))
+
+
+class FlattenSwinBlock(nn.Module):
+    """ Swin block, NHWC in and out, with focused linear ('L') or softmax ('S') window attention."""
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            grid_size: Size,
+            window_size: int,
+            shift: bool = False,
+            attn_type: str = 'L',
+            mlp_ratio: float = 4.,
+            qkv_bias: bool = True,
+            focusing_factor: float = 3,
+            kernel_size: int = 5,
+            proj_drop: float = 0.,
+            attn_drop: float = 0.,
+            drop_path: float = 0.,
+            norm_layer=nn.LayerNorm,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        self.target_window = to_2tuple(window_size)
+        self.target_shift = tuple(w // 2 for w in self.target_window) if shift else (0, 0)
+        # the window the weights were trained with: a map no larger than the window is one window, unshifted
+        window, _ = self.window_and_shift(grid_size)
+        self.norm1 = norm_layer(dim, **dd)
+        self.linear = attn_type == 'L'
+        if attn_type == 'L':
+            self.attn = FocusedLinearAttention(
+                dim, num_heads, grid_size=window, qkv_bias=qkv_bias, focusing_factor=focusing_factor,
+                kernel_size=kernel_size, proj_drop=proj_drop, **dd)
+        elif attn_type == 'S':
+            self.attn = WindowAttention(
+                dim, num_heads, window_size=window, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop, **dd)
+        else:
+            raise ValueError(f"attn_type must be 'L' (focused linear) or 'S' (softmax), got {attn_type!r}")
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = norm_layer(dim, **dd)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop, **dd)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self._mask_cache: Dict[tuple, torch.Tensor] = {}
+
+    def window_and_shift(self, feat_size: Size) -> Tuple[Size, Size]:
+        window = tuple(f if f <= w else w for f, w in zip(feat_size, self.target_window))
+        shift = tuple(0 if f <= w else s for f, w, s in zip(feat_size, self.target_window, self.target_shift))
+        return window, shift
+
+    def _shift_mask(self, padded_size: Size, window: Size, shift: Size, device) -> torch.Tensor:
+        key = (padded_size, window, shift, device)
+        if key not in self._mask_cache:
+            self._mask_cache[key] = shifted_window_mask(padded_size, window, shift, device=device)
+        return self._mask_cache[key]
+
+    def _attn(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        window, shift = self.window_and_shift((H, W))
+        has_shift = any(shift)
+        if has_shift:
+            x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+        pad_h = (window[0] - H % window[0]) % window[0]
+        pad_w = (window[1] - W % window[1]) % window[1]
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+        Hp, Wp = H + pad_h, W + pad_w
+
+        windows = window_partition(x, window).reshape(-1, window[0] * window[1], C)
+        if self.linear:
+            # as released, linear windows are not masked after the shift
+            windows = self.attn(windows, window)
+        else:
+            mask = self._shift_mask((Hp, Wp), window, shift, x.device) if has_shift else None
+            windows = self.attn(windows, window, mask=mask)
+        x = window_reverse(windows.reshape(-1, window[0], window[1], C), window, Hp, Wp)[:, :H, :W]
+        if has_shift:
+            x = torch.roll(x, shifts=shift, dims=(1, 2))
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path1(self._attn(self.norm1(x)))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
+class FlattenSwinStage(nn.Module):
+    """ Patch merging (stages after the first), then Swin blocks; NHWC in and out."""
+
+    def __init__(
+            self,
+            dim: int,
+            out_dim: int,
+            depth: int,
+            grid_size: Size,
+            downsample: bool,
+            num_heads: int,
+            window_size: int,
+            attn_type: str,
+            drop_path: Sequence[float] = (),
+            norm_layer=nn.LayerNorm,
+            device=None,
+            dtype=None,
+            **block_kwargs,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        self.grad_checkpointing = False
+        self.downsample = PatchMerging(dim, out_dim, norm_layer=norm_layer, **dd) if downsample else nn.Identity()
+        drop_path = list(drop_path) or [0.] * depth
+        self.blocks = nn.Sequential(*[
+            FlattenSwinBlock(
+                out_dim, num_heads, grid_size=grid_size, window_size=window_size, shift=i % 2 == 1,
+                attn_type=attn_type, drop_path=drop_path[i], norm_layer=norm_layer, **block_kwargs, **dd)
+            for i in range(depth)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        for blk in self.blocks:
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        return x
+
+
+class FlattenSwin(FlattenModel):
+    """ FLatten-Swin Transformer.
+
+    Args:
+        img_size: training resolution; sets the windows the weights expect.
+        window_size: window of the focused linear blocks (56 at 224, 96 at 384).
+        softmax_window_size: window of the softmax blocks; default 7, or 12 when window_size > 56.
+        attn_type: per stage, 'L' focused linear or 'S' softmax attention.
+        focusing_factor, kernel_size: of the focused linear attention.
+    """
+    output_fmt = 'NHWC'
+
+    def __init__(
+            self,
+            img_size: Union[int, Tuple[int, int]] = 224,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'avg',
+            embed_dim: int = 96,
+            depths: Sequence[int] = (2, 2, 6, 2),
+            num_heads: Sequence[int] = (3, 6, 12, 24),
+            window_size: int = 56,
+            softmax_window_size: Optional[int] = None,
+            attn_type: str = 'LLSS',
+            mlp_ratio: float = 4.,
+            qkv_bias: bool = True,
+            focusing_factor: float = 3,
+            kernel_size: int = 5,
+            drop_rate: float = 0.,
+            proj_drop_rate: float = 0.,
+            attn_drop_rate: float = 0.,
+            drop_path_rate: float = 0.1,
+            norm_layer=nn.LayerNorm,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        num_stages = len(depths)
+        num_heads = resolve_stage_args('num_heads', num_heads, num_stages)
+        attn_type = resolve_stage_args('attn_type', attn_type, num_stages)
+        if global_pool not in ('avg', ''):
+            raise ValueError(f"global_pool must be 'avg' or '' (none), got {global_pool!r}")
+        if softmax_window_size is None:
+            softmax_window_size = 7 if window_size <= 56 else 12
+        img_size = to_2tuple(img_size)
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.global_pool = global_pool
+        embed_dims = [int(embed_dim * 2 ** i) for i in range(num_stages)]
+
+        self.patch_embed = PatchEmbed(
+            img_size=None, patch_size=4, in_chans=in_chans, embed_dim=embed_dim, norm_layer=norm_layer,
+            flatten=False, output_fmt='NHWC', strict_img_size=False, dynamic_img_pad=True, **dd)
+
+        dpr = stage_drop_path_rates(drop_path_rate, depths)
+        self.feature_info = []
+        stages = []
+        for i in range(num_stages):
+            reduction = 4 * 2 ** i
+            stages.append(FlattenSwinStage(
+                embed_dims[max(i - 1, 0)],
+                embed_dims[i],
+                depth=depths[i],
+                grid_size=(img_size[0] // reduction, img_size[1] // reduction),
+                downsample=i > 0,
+                num_heads=num_heads[i],
+                window_size=window_size if attn_type[i] == 'L' else softmax_window_size,
+                attn_type=attn_type[i],
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                focusing_factor=focusing_factor,
+                kernel_size=kernel_size,
+                proj_drop=proj_drop_rate,
+                attn_drop=attn_drop_rate,
+                drop_path=dpr[i],
+                norm_layer=norm_layer,
+                **dd,
+            ))
+            self.feature_info.append(dict(num_chs=embed_dims[i], reduction=reduction, module=f'stages.{i}'))
+        self.stages = nn.Sequential(*stages)
+
+        self.num_features = self.head_hidden_size = embed_dims[-1]
+        self.norm = norm_layer(self.num_features, **dd)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.apply(_init_weights)
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return {k for k, _ in self.named_parameters() if 'relative_position_bias_table' in k}
+
+
+def _init_weights(m: nn.Module):
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+def checkpoint_filter_fn(state_dict, model: FlattenSwin):
+    """ Official FLatten-Swin checkpoint (bare or under 'model') -> this layout, resized to the model.
+
+    The official layout merges patches at the end of a stage, this one at the start of the next.
+    """
+    state_dict = unwrap_state_dict(state_dict)
+    if any(k.startswith('layers.') for k in state_dict):
+        state_dict = rename_keys(state_dict, [
+            (r'^layers\.(\d+)\.downsample\.', lambda m: f'stages.{int(m.group(1)) + 1}.downsample.'),
+            (r'^layers\.', 'stages.'),
+        ])
+    return fit_state_dict_to_model(state_dict, model)
+
+
+def _create_flatten_swin(variant: str, pretrained: bool = False, **kwargs) -> FlattenSwin:
+    out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
+    return build_model_with_cfg(
+        FlattenSwin,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(flatten_sequential=True, out_indices=out_indices),
+        **kwargs,
+    )
+
+
+default_cfgs = generate_default_cfgs({
+    'flatten_swin_tiny_patch4_224': _cfg(),
+    'flatten_swin_small_patch4_224': _cfg(),
+    'flatten_swin_base_patch4_224': _cfg(),
+    # the 384 fine-tune is evaluated with a direct resize to 384, no crop
+    'flatten_swin_base_patch4_384': _cfg(input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0),
+})
+
+
+@register_model
+def flatten_swin_tiny_patch4_224(pretrained: bool = False, **kwargs) -> FlattenSwin:
+    model_args = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=56)
+    return _create_flatten_swin('flatten_swin_tiny_patch4_224', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def flatten_swin_small_patch4_224(pretrained: bool = False, **kwargs) -> FlattenSwin:
+    model_args = dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), window_size=56)
+    return _create_flatten_swin('flatten_swin_small_patch4_224', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def flatten_swin_base_patch4_224(pretrained: bool = False, **kwargs) -> FlattenSwin:
+    model_args = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), window_size=56)
+    return _create_flatten_swin('flatten_swin_base_patch4_224', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def flatten_swin_base_patch4_384(pretrained: bool = False, **kwargs) -> FlattenSwin:
+    model_args = dict(
+        img_size=384, embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), window_size=96)
+    return _create_flatten_swin('flatten_swin_base_patch4_384', pretrained=pretrained, **dict(model_args, **kwargs))

@@ -4,14 +4,18 @@ A family provides `patch_embed`, `stages` (nn.Sequential; each stage has `grad_c
 `blocks`), `norm`, `head`, `head_drop`, `feature_info`, and sets `output_fmt` to the layout its
 stages pass along ('NCHW' or 'NHWC').
 """
-from typing import List, Optional, Tuple, Union
+from functools import partial
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 from timm.layers import get_device_dtype
 from timm.models._features import feature_take_indices
 
-__all__ = ['FlattenModel', 'resolve_stage_args']
+from flatten_timm.layers import map_to_tokens, resample_grid_tokens, tokens_to_map
+
+__all__ = ['FlattenModel', 'PyramidStage', 'resolve_stage_args', 'stage_drop_path_rates']
 
 
 def resolve_stage_args(name: str, value, num_stages: int) -> tuple:
@@ -21,6 +25,64 @@ def resolve_stage_args(name: str, value, num_stages: int) -> tuple:
             raise ValueError(f'{name} needs {num_stages} values, one per stage, got {value!r}')
         return tuple(value)
     return (value,) * num_stages
+
+
+def stage_drop_path_rates(drop_path_rate: float, depths: Sequence[int]):
+    """Stochastic depth rising linearly over all blocks, split per stage."""
+    rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+    return [rates[sum(depths[:i]):sum(depths[:i + 1])] for i in range(len(depths))]
+
+
+class PyramidStage(nn.Module):
+    """ One pyramid stage, NCHW in and out: optional downsampling embed, optional absolute position
+    embedding (PVT v1), blocks of `block_fn(dim, grid_size=..., drop_path=..., norm_layer=..., **block_kwargs)`
+    on tokens, optional norm (PVTv2)."""
+
+    def __init__(
+            self,
+            block_fn: Callable[..., nn.Module],
+            dim: int,
+            depth: int,
+            grid_size: Tuple[int, int],
+            downsample: Optional[nn.Module] = None,
+            pos_embed: bool = False,
+            stage_norm: bool = False,
+            drop_rate: float = 0.,
+            drop_path: Sequence[float] = (),
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            device=None,
+            dtype=None,
+            **block_kwargs,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        self.grad_checkpointing = False
+        self.grid_size = tuple(grid_size)
+        self.downsample = downsample
+        if pos_embed:
+            self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size[0] * self.grid_size[1], dim, **dd))
+            self.pos_drop = nn.Dropout(drop_rate)
+        else:
+            self.pos_embed = None
+        drop_path = list(drop_path) or [0.] * depth
+        self.blocks = nn.ModuleList([
+            block_fn(dim, grid_size=grid_size, drop_path=drop_path[i], norm_layer=norm_layer, **block_kwargs, **dd)
+            for i in range(depth)])
+        self.norm = norm_layer(dim, **dd) if stage_norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.downsample is not None:
+            x = self.downsample(x)
+        feat_size = (x.shape[-2], x.shape[-1])
+        x = map_to_tokens(x)
+        if self.pos_embed is not None:
+            x = self.pos_drop(x + resample_grid_tokens(self.pos_embed, self.grid_size, feat_size))
+        for blk in self.blocks:
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(blk, x, feat_size, use_reentrant=False)
+            else:
+                x = blk(x, feat_size)
+        return tokens_to_map(self.norm(x), feat_size)
 
 
 class FlattenModel(nn.Module):

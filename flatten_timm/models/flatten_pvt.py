@@ -12,24 +12,16 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm2d, Mlp, PatchEmbed, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.pvt_v2 import MlpWithDepthwiseConv
 
-from flatten_timm.layers import FocusedLinearAttention, SpatialReductionAttention, map_to_tokens, tokens_to_map
-from flatten_timm.layers import resample_grid_tokens
-from ._base import FlattenModel, resolve_stage_args
+from flatten_timm.layers import FocusedLinearAttention, SpatialReductionAttention
+from ._base import FlattenModel, PyramidStage, resolve_stage_args, stage_drop_path_rates
 from ._convert import fit_state_dict_to_model, fuse_qkv, rename_keys, unwrap_state_dict
 
-__all__ = ['FlattenPvt', 'FlattenPvtBlock', 'FlattenPvtStage', 'stage_drop_path_rates']
-
-
-def stage_drop_path_rates(drop_path_rate: float, depths: Sequence[int]):
-    """Stochastic depth rising linearly over all blocks, split per stage."""
-    rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
-    return [rates[sum(depths[:i]):sum(depths[:i + 1])] for i in range(len(depths))]
+__all__ = ['FlattenPvt', 'FlattenPvtBlock']
 
 
 class FlattenPvtBlock(nn.Module):
@@ -85,56 +77,6 @@ class FlattenPvtBlock(nn.Module):
         y = self.norm2(x)
         y = self.mlp(y, feat_size) if self.mlp_dwconv else self.mlp(y)
         return x + self.drop_path2(y)
-
-
-class FlattenPvtStage(nn.Module):
-    """ One pyramid stage, NCHW in and out: optional downsampling embed, optional absolute position
-    embedding (PVT v1), blocks on tokens, optional norm (PVTv2)."""
-
-    def __init__(
-            self,
-            dim: int,
-            depth: int,
-            grid_size: Tuple[int, int],
-            downsample: Optional[nn.Module] = None,
-            pos_embed: bool = False,
-            stage_norm: bool = False,
-            drop_rate: float = 0.,
-            drop_path: Sequence[float] = (),
-            norm_layer=partial(nn.LayerNorm, eps=1e-6),
-            device=None,
-            dtype=None,
-            **block_kwargs,
-    ):
-        super().__init__()
-        dd = {'device': device, 'dtype': dtype}
-        self.grad_checkpointing = False
-        self.grid_size = tuple(grid_size)
-        self.downsample = downsample
-        if pos_embed:
-            self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size[0] * self.grid_size[1], dim, **dd))
-            self.pos_drop = nn.Dropout(drop_rate)
-        else:
-            self.pos_embed = None
-        drop_path = list(drop_path) or [0.] * depth
-        self.blocks = nn.ModuleList([
-            FlattenPvtBlock(dim, grid_size=grid_size, drop_path=drop_path[i], norm_layer=norm_layer, **block_kwargs, **dd)
-            for i in range(depth)])
-        self.norm = norm_layer(dim, **dd) if stage_norm else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.downsample is not None:
-            x = self.downsample(x)
-        feat_size = (x.shape[-2], x.shape[-1])
-        x = map_to_tokens(x)
-        if self.pos_embed is not None:
-            x = self.pos_drop(x + resample_grid_tokens(self.pos_embed, self.grid_size, feat_size))
-        for blk in self.blocks:
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint(blk, x, feat_size, use_reentrant=False)
-            else:
-                x = blk(x, feat_size)
-        return tokens_to_map(self.norm(x), feat_size)
 
 
 class FlattenPvt(FlattenModel):
@@ -205,7 +147,8 @@ class FlattenPvt(FlattenModel):
                 img_size=None, patch_size=2, in_chans=embed_dims[i - 1], embed_dim=embed_dims[i],
                 norm_layer=embed_norm, flatten=False, output_fmt='NCHW', strict_img_size=False,
                 dynamic_img_pad=True, **dd)
-            stages.append(FlattenPvtStage(
+            stages.append(PyramidStage(
+                FlattenPvtBlock,
                 embed_dims[i],
                 depth=depths[i],
                 grid_size=(img_size[0] // reduction, img_size[1] // reduction),

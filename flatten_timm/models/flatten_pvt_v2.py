@@ -18,9 +18,9 @@ from timm.layers import to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from flatten_timm.layers import ConvEmbed
-from ._base import FlattenModel, resolve_stage_args
+from ._base import FlattenModel, PyramidStage, resolve_stage_args, stage_drop_path_rates
 from ._convert import fit_state_dict_to_model, unwrap_state_dict
-from .flatten_pvt import FlattenPvtStage, _cfg, convert_official_pvt, stage_drop_path_rates
+from .flatten_pvt import FlattenPvtBlock, _cfg, convert_official_pvt
 
 __all__ = ['FlattenPvtV2']
 
@@ -90,7 +90,8 @@ class FlattenPvtV2(FlattenModel):
             reduction = 4 * 2 ** i
             downsample = None if i == 0 else ConvEmbed(
                 embed_dims[i - 1], embed_dims[i], kernel_size=3, stride=2, padding=1, **dd)
-            stages.append(FlattenPvtStage(
+            stages.append(PyramidStage(
+                FlattenPvtBlock,
                 embed_dims[i],
                 depth=depths[i],
                 grid_size=(img_size[0] // reduction, img_size[1] // reduction),

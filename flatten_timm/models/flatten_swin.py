@@ -23,9 +23,9 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.swin_transformer import PatchMerging, window_partition, window_reverse
 
 from flatten_timm.layers import FocusedLinearAttention
-from ._base import FlattenModel, resolve_stage_args
+from ._base import FlattenModel, resolve_stage_args, stage_drop_path_rates
 from ._convert import fit_state_dict_to_model, rename_keys, unwrap_state_dict
-from .flatten_pvt import _cfg, stage_drop_path_rates
+from .flatten_pvt import _cfg
 
 __all__ = ['FlattenSwin']
 

@@ -1,0 +1,345 @@
+""" FLatten-CSWin: CSWin Transformer with focused linear attention
+
+Papers:
+* `FLatten Transformer: Vision Transformer using Focused Linear Attention` - https://arxiv.org/abs/2308.00442
+* `CSWin Transformer: A General Vision Transformer Backbone with Cross-Shaped Windows` - https://arxiv.org/abs/2107.00652
+
+Official code: https://github.com/LeapLabTHU/FLatten-Transformer
+Outputs equal the official models; official checkpoints convert on load (`checkpoint_filter_fn`).
+Focused linear ('L') blocks attend over the whole feature map (the released split sizes equal the
+map), adding CSWin's LePE; softmax ('S') blocks are CSWin's cross-shaped stripe attention, padded
+and cropped so that any input size works.
+"""
+from typing import Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath, LayerNorm2d, Mlp, to_2tuple, trunc_normal_, use_fused_attn
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.swin_transformer import window_partition, window_reverse
+
+from flatten_timm.layers import ConvEmbed, FocusedLinearAttention, map_to_tokens, tokens_to_map
+from ._base import FlattenModel, PyramidStage, resolve_stage_args, stage_drop_path_rates
+from ._convert import fit_state_dict_to_model, rename_keys, unwrap_state_dict
+from .flatten_pvt import _cfg
+
+__all__ = ['FlattenCSWin']
+
+Size = Tuple[int, int]
+
+
+def _lepe_conv(dim: int, **dd) -> nn.Conv2d:
+    """CSWin's locally-enhanced positional encoding: a depthwise 3x3 conv of V."""
+    return nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim, **dd)
+
+
+class LePEFocusedLinearAttention(FocusedLinearAttention):
+    """ Focused linear attention over the whole map, plus CSWin's LePE of V before the output projection."""
+
+    def __init__(self, dim: int, num_heads: int, grid_size: Size, device=None, dtype=None, **kwargs):
+        super().__init__(dim, num_heads, grid_size=grid_size, device=device, dtype=dtype, **kwargs)
+        self.lepe = _lepe_conv(dim, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, feat_size: Size) -> torch.Tensor:
+        q, k, v, key_size = self.project(x, feat_size)
+        x = self.attend(q, k, v, feat_size, key_size)
+        x = x + map_to_tokens(self.lepe(tokens_to_map(v, feat_size)))
+        return self.proj_drop(self.proj(x))
+
+
+class CrossStripeAttention(nn.Module):
+    """ CSWin's cross-shaped window attention with LePE.
+
+    With two branches, half the channels/heads attend within vertical stripes (full height,
+    `split_size` wide) and half within horizontal ones; with one branch, all heads attend over the
+    whole map. LePE is computed within each stripe.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            split_size: int,
+            num_branches: int = 2,
+            qkv_bias: bool = True,
+            attn_drop: float = 0.,
+            proj_drop: float = 0.,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        if num_branches not in (1, 2):
+            raise ValueError(f'num_branches must be 1 or 2, got {num_branches}')
+        self.num_heads = num_heads
+        self.split_size = split_size
+        self.num_branches = num_branches
+        self.fused_attn = use_fused_attn()
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
+        self.lepe = nn.ModuleList([_lepe_conv(dim // num_branches, **dd) for _ in range(num_branches)])
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def stripe(self, branch: int, feat_size: Size) -> Size:
+        H, W = feat_size
+        if self.num_branches == 1:
+            return H, W
+        return (H, min(self.split_size, W)) if branch == 0 else (min(self.split_size, H), W)
+
+    def _branch(self, q, k, v, stripe: Size, lepe: nn.Module, num_heads: int) -> torch.Tensor:
+        """Attention within stripes of (B, H, W, C) maps; returns the (B, H, W, C) result."""
+        B, H, W, C = q.shape
+        pad_h = (stripe[0] - H % stripe[0]) % stripe[0]
+        pad_w = (stripe[1] - W % stripe[1]) % stripe[1]
+        Hp, Wp = H + pad_h, W + pad_w
+        n = stripe[0] * stripe[1]
+
+        def to_heads(t: torch.Tensor) -> torch.Tensor:
+            t = window_partition(F.pad(t, (0, 0, 0, pad_w, 0, pad_h)), stripe)
+            return t.reshape(-1, n, num_heads, C // num_heads).transpose(1, 2)
+
+        v_windows = window_partition(F.pad(v, (0, 0, 0, pad_w, 0, pad_h)), stripe)  # B', h, w, C
+        v_lepe = lepe(v_windows.permute(0, 3, 1, 2)).reshape(-1, num_heads, C // num_heads, n).transpose(-2, -1)
+        q, k = to_heads(q), to_heads(k)
+        v = v_windows.reshape(-1, n, num_heads, C // num_heads).transpose(1, 2)
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.)
+        else:
+            attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+            x = self.attn_drop(attn.softmax(dim=-1)) @ v
+        x = (x + v_lepe).transpose(1, 2).reshape(-1, stripe[0], stripe[1], C)
+        return window_reverse(x, stripe, Hp, Wp)[:, :H, :W]
+
+    def forward(self, x: torch.Tensor, feat_size: Size) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, feat_size[0], feat_size[1], 3, C).unbind(3)
+        heads = self.num_heads // self.num_branches
+        outs = []
+        for b, (qb, kb, vb) in enumerate(zip(q.chunk(self.num_branches, -1), k.chunk(self.num_branches, -1),
+                                             v.chunk(self.num_branches, -1))):
+            outs.append(self._branch(qb, kb, vb, self.stripe(b, feat_size), self.lepe[b], heads))
+        x = torch.cat(outs, dim=-1).reshape(B, N, C)
+        return self.proj_drop(self.proj(x))
+
+
+class FlattenCSWinBlock(nn.Module):
+    """ Pre-norm CSWin block with focused linear ('L') or cross-stripe softmax ('S') attention."""
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            grid_size: Size,
+            split_size: int,
+            last_stage: bool = False,
+            attn_type: str = 'L',
+            mlp_ratio: float = 4.,
+            qkv_bias: bool = True,
+            focusing_factor: float = 3,
+            kernel_size: int = 5,
+            proj_drop: float = 0.,
+            attn_drop: float = 0.,
+            drop_path: float = 0.,
+            norm_layer=nn.LayerNorm,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        self.norm1 = norm_layer(dim, **dd)
+        if attn_type == 'L':
+            self.attn = LePEFocusedLinearAttention(
+                dim, num_heads, grid_size=grid_size, qkv_bias=qkv_bias, focusing_factor=focusing_factor,
+                kernel_size=kernel_size, proj_drop=proj_drop, **dd)
+        elif attn_type == 'S':
+            # a stripe as wide as the map (or the last stage) is one branch over the whole map
+            one_branch = last_stage or max(grid_size) <= split_size
+            self.attn = CrossStripeAttention(
+                dim, num_heads, split_size=split_size, num_branches=1 if one_branch else 2, qkv_bias=qkv_bias,
+                attn_drop=attn_drop, proj_drop=proj_drop, **dd)
+        else:
+            raise ValueError(f"attn_type must be 'L' (focused linear) or 'S' (softmax), got {attn_type!r}")
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = norm_layer(dim, **dd)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop, **dd)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def forward(self, x: torch.Tensor, feat_size: Size) -> torch.Tensor:
+        x = x + self.drop_path1(self.attn(self.norm1(x), feat_size))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
+class FlattenCSWin(FlattenModel):
+    """ FLatten-CSWin Transformer.
+
+    Args:
+        img_size: training resolution; sizes the key positional encodings.
+        split_size: per stage, the stripe width of the softmax ('S') blocks.
+        attn_type: per stage, 'L' focused linear (whole map) or 'S' cross-stripe softmax attention.
+        focusing_factor, kernel_size: of the focused linear attention.
+    """
+
+    def __init__(
+            self,
+            img_size: Union[int, Tuple[int, int]] = 224,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'avg',
+            embed_dim: int = 64,
+            depths: Sequence[int] = (2, 4, 18, 1),
+            num_heads: Sequence[int] = (2, 4, 8, 16),
+            split_size: Sequence[int] = (1, 2, 7, 7),
+            attn_type: str = 'LLSS',
+            mlp_ratios: Union[float, Sequence[float]] = 4.,
+            qkv_bias: bool = True,
+            focusing_factor: float = 3,
+            kernel_size: int = 5,
+            drop_rate: float = 0.,
+            proj_drop_rate: float = 0.,
+            attn_drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            norm_layer=nn.LayerNorm,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        num_stages = len(depths)
+        num_heads = resolve_stage_args('num_heads', num_heads, num_stages)
+        split_size = resolve_stage_args('split_size', split_size, num_stages)
+        attn_type = resolve_stage_args('attn_type', attn_type, num_stages)
+        mlp_ratios = resolve_stage_args('mlp_ratios', mlp_ratios, num_stages)
+        if global_pool not in ('avg', ''):
+            raise ValueError(f"global_pool must be 'avg' or '' (none), got {global_pool!r}")
+        img_size = to_2tuple(img_size)
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.global_pool = global_pool
+        embed_dims = [embed_dim * 2 ** i for i in range(num_stages)]
+
+        self.patch_embed = ConvEmbed(in_chans, embed_dim, kernel_size=7, stride=4, padding=2, **dd)
+
+        dpr = stage_drop_path_rates(drop_path_rate, depths)
+        self.feature_info = []
+        stages = []
+        for i in range(num_stages):
+            reduction = 4 * 2 ** i
+            downsample = None if i == 0 else ConvEmbed(
+                embed_dims[i - 1], embed_dims[i], kernel_size=3, stride=2, padding=1, **dd)
+            stages.append(PyramidStage(
+                FlattenCSWinBlock,
+                embed_dims[i],
+                depth=depths[i],
+                grid_size=(img_size[0] // reduction, img_size[1] // reduction),
+                downsample=downsample,
+                drop_path=dpr[i],
+                norm_layer=norm_layer,
+                num_heads=num_heads[i],
+                split_size=split_size[i],
+                last_stage=i == num_stages - 1,
+                attn_type=attn_type[i],
+                mlp_ratio=mlp_ratios[i],
+                qkv_bias=qkv_bias,
+                focusing_factor=focusing_factor,
+                kernel_size=kernel_size,
+                proj_drop=proj_drop_rate,
+                attn_drop=attn_drop_rate,
+                **dd,
+            ))
+            self.feature_info.append(dict(num_chs=embed_dims[i], reduction=reduction, module=f'stages.{i}'))
+        self.stages = nn.Sequential(*stages)
+
+        self.num_features = self.head_hidden_size = embed_dims[-1]
+        self.norm = LayerNorm2d(self.num_features, eps=1e-5, **dd)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.apply(_init_weights)
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return set()
+
+
+def _init_weights(m: nn.Module):
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+def checkpoint_filter_fn(state_dict, model: FlattenCSWin):
+    """ Official FLatten-CSWin checkpoint (bare or under 'model') -> this layout, resized to the model.
+
+    Officially each block holds qkv/proj and its branches under `attns.{b}`; here the attention
+    module holds all of them, a focused linear block's LePE as `attn.lepe`, a stripe block's as
+    `attn.lepe.{b}`.
+    """
+    state_dict = unwrap_state_dict(state_dict)
+    if 'stage1_conv_embed.0.weight' not in state_dict:
+        return fit_state_dict_to_model(state_dict, model)
+    linear_blocks = {k.split('.attns.')[0] for k in state_dict if k.endswith('.attns.0.positional_encoding')}
+    renamed = {}
+    for k, v in state_dict.items():
+        if k.split('.attns.')[0] in linear_blocks:
+            k = k.replace('.attns.0.get_v.', '.attn.lepe.').replace('.attns.0.', '.attn.')
+        renamed[k] = v
+    state_dict = rename_keys(renamed, [
+        (r'\.attns\.(\d)\.get_v\.', r'.attn.lepe.\1.'),
+        (r'^stage1_conv_embed\.0\.', 'patch_embed.proj.'),
+        (r'^stage1_conv_embed\.2\.', 'patch_embed.norm.'),
+        (r'^merge(\d)\.conv\.', lambda m: f'stages.{m.group(1)}.downsample.proj.'),
+        (r'^merge(\d)\.norm\.', lambda m: f'stages.{m.group(1)}.downsample.norm.'),
+        (r'^stage(\d)\.(\d+)\.(qkv|proj)\.', lambda m: f'stages.{int(m.group(1)) - 1}.blocks.{m.group(2)}.attn.{m.group(3)}.'),
+        (r'^stage(\d)\.', lambda m: f'stages.{int(m.group(1)) - 1}.blocks.'),
+    ])
+    return fit_state_dict_to_model(state_dict, model)
+
+
+def _create_flatten_cswin(variant: str, pretrained: bool = False, **kwargs) -> FlattenCSWin:
+    out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
+    return build_model_with_cfg(
+        FlattenCSWin,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(flatten_sequential=True, out_indices=out_indices),
+        **kwargs,
+    )
+
+
+default_cfgs = generate_default_cfgs({
+    'flatten_cswin_tiny_224': _cfg(),
+    'flatten_cswin_small_224': _cfg(),
+    'flatten_cswin_base_224': _cfg(),
+    'flatten_cswin_base_384': _cfg(input_size=(3, 384, 384), pool_size=(12, 12)),
+})
+
+
+@register_model
+def flatten_cswin_tiny_224(pretrained: bool = False, **kwargs) -> FlattenCSWin:
+    model_args = dict(embed_dim=64, depths=(2, 4, 18, 1), num_heads=(2, 4, 8, 16), split_size=(1, 2, 7, 7))
+    return _create_flatten_cswin('flatten_cswin_tiny_224', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def flatten_cswin_small_224(pretrained: bool = False, **kwargs) -> FlattenCSWin:
+    model_args = dict(embed_dim=64, depths=(2, 4, 32, 2), num_heads=(2, 4, 8, 16), split_size=(1, 2, 7, 7))
+    return _create_flatten_cswin('flatten_cswin_small_224', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def flatten_cswin_base_224(pretrained: bool = False, **kwargs) -> FlattenCSWin:
+    model_args = dict(embed_dim=96, depths=(3, 6, 29, 2), num_heads=(4, 8, 16, 32), split_size=(1, 2, 7, 7))
+    return _create_flatten_cswin('flatten_cswin_base_224', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def flatten_cswin_base_384(pretrained: bool = False, **kwargs) -> FlattenCSWin:
+    model_args = dict(
+        img_size=384, embed_dim=96, depths=(3, 6, 29, 2), num_heads=(4, 8, 16, 32), split_size=(1, 2, 12, 12))
+    return _create_flatten_cswin('flatten_cswin_base_384', pretrained=pretrained, **dict(model_args, **kwargs))

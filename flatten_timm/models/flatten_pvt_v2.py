@@ -153,7 +153,7 @@ def _create_flatten_pvt_v2(variant: str, pretrained: bool = False, **kwargs) -> 
         variant,
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(flatten_sequential=True, out_indices=out_indices),
+        feature_cfg=dict(feature_cls='getter', out_indices=out_indices),
         **kwargs,
     )
 

@@ -363,7 +363,7 @@ def _create_flatten_swin(variant: str, pretrained: bool = False, **kwargs) -> Fl
         variant,
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(flatten_sequential=True, out_indices=out_indices),
+        feature_cfg=dict(feature_cls='getter', out_indices=out_indices),
         **kwargs,
     )
 

@@ -1,0 +1,48 @@
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import flatten_timm  # noqa: F401  registers the models
+
+REPO = Path(__file__).resolve().parents[1]
+PARITY_DIR = Path(os.environ.get('FLATTEN_PARITY_DIR', REPO.parent / 'shared' / 'parity'))
+PARITY_CASES = sorted(p.stem for p in PARITY_DIR.glob('*.json')) if PARITY_DIR.is_dir() else []
+
+# the registered model each official family is built from, and official kwargs that are not ours
+FAMILY_MODEL = {
+    'pvt': 'flatten_pvt_tiny',
+    'pvt_v2': 'flatten_pvt_v2_b0',
+    'swin': 'flatten_swin_tiny_patch4_224',
+    'cswin': 'flatten_cswin_tiny_224',
+}
+KWARG_RENAMES = {'depth': 'depths', 'mlp_ratio': 'mlp_ratios'}
+# fixed by the architecture here (patch size, norm eps), or implied (CSWin linear blocks span the whole map)
+KWARGS_NOT_OURS = {'patch_size', 'norm_layer', 'la_split_size'}
+
+
+def parity_case(name: str):
+    """(json description, tensors) of one official golden output."""
+    if not PARITY_DIR.is_dir():
+        pytest.skip(f'parity fixtures not found at {PARITY_DIR} (set FLATTEN_PARITY_DIR)')
+    from safetensors.torch import load_file
+    meta = json.loads((PARITY_DIR / f'{name}.json').read_text())
+    return meta, load_file(str(PARITY_DIR / f'{name}.safetensors'))
+
+
+def model_kwargs_for(meta: dict) -> dict:
+    """Our create_model kwargs for the official model described in a parity case."""
+    kwargs = {KWARG_RENAMES.get(k, k): v for k, v in meta['official_kwargs'].items() if k not in KWARGS_NOT_OURS}
+    assert meta['official_kwargs'].get('norm_layer', 'LayerNorm(eps=1e-6)') == 'LayerNorm(eps=1e-6)'
+    return kwargs
+
+
+def official_state_dict(tensors: dict) -> dict:
+    return {k[len('official.'):]: v for k, v in tensors.items() if k.startswith('official.')}
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,87 @@
+""" FocusedLinearAttention against a literal transcription of the spec (FLATTEN_SPEC.md section 1)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flatten_timm.layers import FocusedLinearAttention
+
+
+def spec_reference(attn: FocusedLinearAttention, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """Step by step as the spec states it, heads handled one by one, dwc applied per head."""
+    B, N, C = x.shape
+    h, d = attn.num_heads, C // attn.num_heads
+    if attn.qkv is not None:
+        q, k, v = attn.qkv(x).reshape(B, N, 3, C).unbind(2)
+    else:
+        q = attn.q(x)
+        kv_in, _ = attn.sr(x, (H, W))
+        k, v = attn.kv(kv_in).reshape(B, -1, 2, C).unbind(2)
+    n = k.shape[1]
+    k = k + attn.positional_encoding
+    s = F.softplus(attn.scale)
+    q, k = (F.relu(q) + 1e-6) / s, (F.relu(k) + 1e-6) / s
+    p = attn.focusing_factor
+    q = q ** p / (q ** p).norm(dim=-1, keepdim=True) * q.norm(dim=-1, keepdim=True)
+    k = k ** p / (k ** p).norm(dim=-1, keepdim=True) * k.norm(dim=-1, keepdim=True)
+    outs = []
+    for i in range(h):
+        qi, ki, vi = (t[..., i * d:(i + 1) * d] for t in (q, k, v))
+        z = 1 / (qi @ ki.mean(dim=1, keepdim=True).transpose(1, 2) + 1e-6)
+        out = qi @ (ki.transpose(1, 2) @ vi / n) * z
+        vi = vi.transpose(1, 2)  # B, d, n
+        if n != N:
+            vi = F.interpolate(vi, size=N, mode='linear')
+        outs.append(out + attn.dwc(vi.reshape(B, d, H, W)).reshape(B, d, N).transpose(1, 2))
+    return attn.proj(torch.cat(outs, dim=-1))
+
+
+def _randomize(module):
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+
+
+@pytest.mark.parametrize('sr_ratio,pool_size', [(1, None), (2, None), (4, None), (1, 3)])
+@pytest.mark.parametrize('focusing_factor,kernel_size', [(3, 5), (2, 3)])
+def test_matches_the_spec(sr_ratio, pool_size, focusing_factor, kernel_size):
+    H, W = 8, 12
+    attn = FocusedLinearAttention(32, num_heads=4, grid_size=(H, W), sr_ratio=sr_ratio, pool_size=pool_size,
+                                  focusing_factor=focusing_factor, kernel_size=kernel_size)
+    _randomize(attn)
+    x = torch.randn(2, H * W, 32)
+    torch.testing.assert_close(attn(x, (H, W)), spec_reference(attn, x, H, W), rtol=1e-5, atol=1e-5)
+
+
+def test_positional_encoding_follows_the_key_grid():
+    attn = FocusedLinearAttention(16, 2, grid_size=(8, 8), sr_ratio=2)
+    assert attn.positional_encoding.shape == (1, 16, 16)
+    pooled = FocusedLinearAttention(16, 2, grid_size=(8, 8), pool_size=7)
+    assert pooled.positional_encoding.shape == (1, 49, 16)
+    # pooled keys keep 7x7 whatever the input size
+    assert pooled(torch.randn(1, 20 * 30, 16), (20, 30)).shape == (1, 600, 16)
+
+
+def test_other_grid_resizes_positional_encoding_and_caches_it_for_inference():
+    attn = FocusedLinearAttention(16, 2, grid_size=(8, 8)).eval()
+    _randomize(attn)
+    x = torch.randn(1, 10 * 6, 16)
+    with torch.no_grad():
+        out = attn(x, (10, 6))
+        pe = attn.key_positional_encoding((10, 6))
+        assert pe is attn.key_positional_encoding((10, 6))  # no re-allocation per call
+        attn.positional_encoding.add_(1.0)  # a weight update invalidates the cache
+        assert not torch.equal(attn.key_positional_encoding((10, 6)), pe)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    # with gradients the resize is part of the graph
+    attn(x, (10, 6)).sum().backward()
+    assert attn.positional_encoding.grad.abs().sum() > 0
+
+
+def test_autocast_bf16_is_finite():
+    attn = FocusedLinearAttention(32, 4, grid_size=(8, 8))
+    _randomize(attn)
+    x = (torch.randn(2, 64, 32) * 20).requires_grad_()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = attn(x, (8, 8))
+    out.float().sum().backward()
+    assert torch.isfinite(out.float()).all() and torch.isfinite(x.grad).all()

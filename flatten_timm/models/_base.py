@@ -4,6 +4,7 @@ A family provides `patch_embed`, `stages` (nn.Sequential; each stage has `grad_c
 `blocks`), `norm`, `head`, `head_drop`, `feature_info`, and sets `output_fmt` to the layout its
 stages pass along ('NCHW' or 'NHWC').
 """
+import sys
 from functools import partial
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
@@ -11,11 +12,12 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 from timm.layers import get_device_dtype
+from timm.models import build_model_with_cfg
 from timm.models._features import feature_take_indices
 
 from flatten_timm.layers import map_to_tokens, resample_grid_tokens, tokens_to_map
 
-__all__ = ['FlattenModel', 'PyramidStage', 'resolve_stage_args', 'stage_drop_path_rates']
+__all__ = ['FlattenModel', 'PyramidStage', 'build_flatten_model', 'resolve_stage_args', 'stage_drop_path_rates']
 
 
 def resolve_stage_args(name: str, value, num_stages: int) -> tuple:
@@ -107,6 +109,17 @@ class FlattenModel(nn.Module):
                 f'{name} needs images of at least {self.min_input_size}x{self.min_input_size} pixels (it '
                 f'downsamples by 32); got {x.shape[-2]}x{x.shape[-1]}. Resize or pad the input.')
         return x
+
+    # ---- weights ----------------------------------------------------------------------------
+    @torch.jit.ignore
+    def load_pretrained(self, path: str, key: Optional[str] = None):
+        """ Load weights from a file: an official FLatten checkpoint (converted on load, read without
+        running code from it), or this project's .pth / .safetensors. timm calls this for
+        `pretrained=True` (custom_load), with the file or the downloaded official checkpoint.
+        """
+        from flatten_timm.checkpoint import load_checkpoint_file, load_weights_into
+        filter_fn = sys.modules[type(self).__module__].checkpoint_filter_fn
+        load_weights_into(self, load_checkpoint_file(path, key), filter_fn=filter_fn)
 
     # ---- timm model API ---------------------------------------------------------------------
     @torch.jit.ignore
@@ -214,3 +227,23 @@ class FlattenModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def build_flatten_model(model_cls, variant: str, pretrained: bool, filter_fn: Callable, **kwargs):
+    """ timm's build_model_with_cfg, with weights always read by FlattenModel.load_pretrained.
+
+    timm resets `custom_load` when a user overlays a `file` or `url`; official checkpoints need the
+    safe loader and key conversion for those too, so they are kept on it here.
+    """
+    overlay = kwargs.get('pretrained_cfg_overlay')
+    if overlay and (overlay.get('file') or overlay.get('url')) and 'custom_load' not in overlay:
+        kwargs['pretrained_cfg_overlay'] = dict(overlay, custom_load=True)
+    out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
+    return build_model_with_cfg(
+        model_cls,
+        variant,
+        pretrained,
+        pretrained_filter_fn=filter_fn,
+        feature_cfg=dict(feature_cls='getter', out_indices=out_indices),
+        **kwargs,
+    )

@@ -16,15 +16,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm2d, Mlp, to_2tuple, trunc_normal_, use_fused_attn
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models.swin_transformer import window_partition, window_reverse
 
 from flatten_timm.layers import ConvEmbed, FocusedLinearAttention, map_to_tokens, tokens_to_map
-from ._base import FlattenModel, PyramidStage, resolve_stage_args, stage_drop_path_rates
+from ._base import FlattenModel, build_flatten_model, PyramidStage, resolve_stage_args, stage_drop_path_rates
 from ._convert import fit_state_dict_to_model, rename_keys, unwrap_state_dict
-from .flatten_pvt import _cfg
+from .flatten_pvt import _cfg, _official
 
-__all__ = ['FlattenCSWin']
+__all__ = ['FlattenCSWin', 'checkpoint_filter_fn']
 
 Size = Tuple[int, int]
 
@@ -301,19 +301,11 @@ def checkpoint_filter_fn(state_dict, model: FlattenCSWin):
 
 
 def _create_flatten_cswin(variant: str, pretrained: bool = False, **kwargs) -> FlattenCSWin:
-    out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
-    return build_model_with_cfg(
-        FlattenCSWin,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls='getter', out_indices=out_indices),
-        **kwargs,
-    )
+    return build_flatten_model(FlattenCSWin, variant, pretrained, checkpoint_filter_fn, **kwargs)
 
 
 default_cfgs = generate_default_cfgs({
-    'flatten_cswin_tiny_224': _cfg(),
+    'flatten_cswin_tiny_224.in1k': _official('48ba765ba8b0451d9d5a', 'flatten_cswin_t.pth'),
     'flatten_cswin_small_224': _cfg(),
     'flatten_cswin_base_224': _cfg(),
     'flatten_cswin_base_384': _cfg(input_size=(3, 384, 384), pool_size=(12, 12)),

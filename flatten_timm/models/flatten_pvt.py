@@ -14,14 +14,14 @@ import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm2d, Mlp, PatchEmbed, to_2tuple, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models.pvt_v2 import MlpWithDepthwiseConv
 
 from flatten_timm.layers import FocusedLinearAttention, SpatialReductionAttention
-from ._base import FlattenModel, PyramidStage, resolve_stage_args, stage_drop_path_rates
+from ._base import FlattenModel, build_flatten_model, PyramidStage, resolve_stage_args, stage_drop_path_rates
 from ._convert import fit_state_dict_to_model, fuse_qkv, rename_keys, unwrap_state_dict
 
-__all__ = ['FlattenPvt', 'FlattenPvtBlock']
+__all__ = ['FlattenPvt', 'FlattenPvtBlock', 'checkpoint_filter_fn']
 
 
 class FlattenPvtBlock(nn.Module):
@@ -225,15 +225,7 @@ def checkpoint_filter_fn(state_dict, model: FlattenPvt):
 
 
 def _create_flatten_pvt(variant: str, pretrained: bool = False, **kwargs) -> FlattenPvt:
-    out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
-    return build_model_with_cfg(
-        FlattenPvt,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls='getter', out_indices=out_indices),
-        **kwargs,
-    )
+    return build_flatten_model(FlattenPvt, variant, pretrained, checkpoint_filter_fn, **kwargs)
 
 
 def _cfg(url: str = '', **kwargs):
@@ -242,6 +234,8 @@ def _cfg(url: str = '', **kwargs):
         'crop_pct': 0.875, 'crop_mode': 'squash', 'interpolation': 'bicubic', 'fixed_input_size': False,
         'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
         'first_conv': 'patch_embed.proj', 'classifier': 'head',
+        # weights load through FlattenModel.load_pretrained: safe unpickling and official-key conversion
+        'custom_load': True,
         'paper_ids': 'arXiv:2308.00442',
         'paper_name': 'FLatten Transformer: Vision Transformer using Focused Linear Attention',
         'origin_url': 'https://github.com/LeapLabTHU/FLatten-Transformer',
@@ -249,8 +243,13 @@ def _cfg(url: str = '', **kwargs):
     }
 
 
+def _official(file_id: str, filename: str, **kwargs):
+    """A released checkpoint: the official download link (its URL has no file name, so give one)."""
+    return _cfg(url=(f'https://cloud.tsinghua.edu.cn/f/{file_id}/?dl=1', filename), **kwargs)
+
+
 default_cfgs = generate_default_cfgs({
-    'flatten_pvt_tiny': _cfg(),
+    'flatten_pvt_tiny.in1k': _official('3ab1d773f19d45648690', 'flatten_pvt_t.pth'),
     'flatten_pvt_small': _cfg(),
     'flatten_pvt_medium': _cfg(),
     'flatten_pvt_large': _cfg(),

@@ -15,14 +15,14 @@ import math
 import torch
 import torch.nn as nn
 from timm.layers import to_2tuple, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 
 from flatten_timm.layers import ConvEmbed
-from ._base import FlattenModel, PyramidStage, resolve_stage_args, stage_drop_path_rates
+from ._base import FlattenModel, build_flatten_model, PyramidStage, resolve_stage_args, stage_drop_path_rates
 from ._convert import fit_state_dict_to_model, unwrap_state_dict
-from .flatten_pvt import FlattenPvtBlock, _cfg, convert_official_pvt
+from .flatten_pvt import FlattenPvtBlock, _cfg, _official, convert_official_pvt
 
-__all__ = ['FlattenPvtV2']
+__all__ = ['FlattenPvtV2', 'checkpoint_filter_fn']
 
 
 class FlattenPvtV2(FlattenModel):
@@ -147,19 +147,11 @@ def checkpoint_filter_fn(state_dict, model: FlattenPvtV2):
 
 
 def _create_flatten_pvt_v2(variant: str, pretrained: bool = False, **kwargs) -> FlattenPvtV2:
-    out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
-    return build_model_with_cfg(
-        FlattenPvtV2,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls='getter', out_indices=out_indices),
-        **kwargs,
-    )
+    return build_flatten_model(FlattenPvtV2, variant, pretrained, checkpoint_filter_fn, **kwargs)
 
 
 default_cfgs = generate_default_cfgs({
-    'flatten_pvt_v2_b0': _cfg(),
+    'flatten_pvt_v2_b0.in1k': _official('5d1f01532b104da28e7b', 'flatten_pvt_v2_b0.pth'),
     'flatten_pvt_v2_b1': _cfg(),
     'flatten_pvt_v2_b2': _cfg(),
     'flatten_pvt_v2_b3': _cfg(),

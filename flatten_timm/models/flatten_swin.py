@@ -19,15 +19,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from timm.layers import DropPath, Mlp, PatchEmbed, to_2tuple, trunc_normal_, use_fused_attn
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models.swin_transformer import PatchMerging, window_partition, window_reverse
 
 from flatten_timm.layers import FocusedLinearAttention
-from ._base import FlattenModel, resolve_stage_args, stage_drop_path_rates
+from ._base import FlattenModel, build_flatten_model, resolve_stage_args, stage_drop_path_rates
 from ._convert import fit_state_dict_to_model, rename_keys, unwrap_state_dict
-from .flatten_pvt import _cfg
+from .flatten_pvt import _cfg, _official
 
-__all__ = ['FlattenSwin']
+__all__ = ['FlattenSwin', 'checkpoint_filter_fn']
 
 Size = Tuple[int, int]
 
@@ -357,23 +357,16 @@ def checkpoint_filter_fn(state_dict, model: FlattenSwin):
 
 
 def _create_flatten_swin(variant: str, pretrained: bool = False, **kwargs) -> FlattenSwin:
-    out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
-    return build_model_with_cfg(
-        FlattenSwin,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls='getter', out_indices=out_indices),
-        **kwargs,
-    )
+    return build_flatten_model(FlattenSwin, variant, pretrained, checkpoint_filter_fn, **kwargs)
 
 
 default_cfgs = generate_default_cfgs({
-    'flatten_swin_tiny_patch4_224': _cfg(),
-    'flatten_swin_small_patch4_224': _cfg(),
-    'flatten_swin_base_patch4_224': _cfg(),
+    'flatten_swin_tiny_patch4_224.in1k': _official('e1518e76703e4e57a7f2', 'flatten_swin_t.pth'),
+    'flatten_swin_small_patch4_224.in1k': _official('94188e52af354bf4a88b', 'flatten_swin_s.pth'),
+    'flatten_swin_base_patch4_224.in1k': _official('7a9e5186bad04e7fb3a9', 'flatten_swin_b.pth'),
     # the 384 fine-tune is evaluated with a direct resize to 384, no crop
-    'flatten_swin_base_patch4_384': _cfg(input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0),
+    'flatten_swin_base_patch4_384.in1k': _official(
+        '0d0330cf2e5249f1abb6', 'flatten_swin_b_384.pth', input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0),
 })
 
 

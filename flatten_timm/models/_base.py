@@ -11,13 +11,14 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
-from timm.layers import get_device_dtype
+from timm.layers import get_device_dtype, trunc_normal_
 from timm.models import build_model_with_cfg
 from timm.models._features import feature_take_indices
 
 from flatten_timm.layers import map_to_tokens, resample_grid_tokens, tokens_to_map
 
-__all__ = ['FlattenModel', 'PyramidStage', 'build_flatten_model', 'resolve_stage_args', 'stage_drop_path_rates']
+__all__ = ['FlattenModel', 'PyramidStage', 'build_flatten_model', 'init_weights', 'resolve_stage_args',
+           'stage_drop_path_rates']
 
 
 def resolve_stage_args(name: str, value, num_stages: int) -> tuple:
@@ -87,9 +88,32 @@ class PyramidStage(nn.Module):
         return tokens_to_map(self.norm(x), feat_size)
 
 
+def init_weights(m: nn.Module):
+    """The official initialisation: truncated-normal linear weights, zero biases, unit LayerNorms."""
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
 class FlattenModel(nn.Module):
     output_fmt: str = 'NCHW'
     min_input_size: int = 32
+
+    def _init_common(self, in_chans: int, num_classes: int, global_pool: str):
+        if global_pool not in ('avg', ''):
+            raise ValueError(f"global_pool must be 'avg' or '' (none), got {global_pool!r}")
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+
+    def _init_head(self, num_features: int, drop_rate: float, **dd):
+        self.num_features = self.head_hidden_size = num_features
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(num_features, self.num_classes, **dd) if self.num_classes > 0 else nn.Identity()
 
     # ---- input validation -------------------------------------------------------------------
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -146,9 +170,7 @@ class FlattenModel(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
         self.num_classes = num_classes
         if global_pool is not None:
-            if global_pool not in ('avg', ''):
-                raise ValueError(f"global_pool must be 'avg' or '' (none), got {global_pool!r}")
-            self.global_pool = global_pool
+            self._init_common(self.in_chans, num_classes, global_pool)
         self.head = nn.Linear(self.num_features, num_classes, **get_device_dtype(self)) \
             if num_classes > 0 else nn.Identity()
         self.head.train(self.training)

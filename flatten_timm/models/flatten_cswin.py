@@ -15,16 +15,16 @@ from typing import Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, LayerNorm2d, Mlp, to_2tuple, trunc_normal_, use_fused_attn
+from timm.layers import DropPath, LayerNorm2d, Mlp, to_2tuple, use_fused_attn
 from timm.models import generate_default_cfgs, register_model
 from timm.models.swin_transformer import window_partition, window_reverse
 
 from flatten_timm.layers import ConvEmbed, FocusedLinearAttention, map_to_tokens, tokens_to_map
-from ._base import FlattenModel, build_flatten_model, PyramidStage, resolve_stage_args, stage_drop_path_rates
+from ._base import FlattenModel, build_flatten_model, init_weights, PyramidStage, resolve_stage_args, stage_drop_path_rates
 from ._convert import fit_state_dict_to_model, rename_keys, unwrap_state_dict
 from .flatten_pvt import _cfg, _official
 
-__all__ = ['FlattenCSWin', 'checkpoint_filter_fn']
+__all__ = ['FlattenCSWin']
 
 Size = Tuple[int, int]
 
@@ -211,12 +211,8 @@ class FlattenCSWin(FlattenModel):
         split_size = resolve_stage_args('split_size', split_size, num_stages)
         attn_type = resolve_stage_args('attn_type', attn_type, num_stages)
         mlp_ratios = resolve_stage_args('mlp_ratios', mlp_ratios, num_stages)
-        if global_pool not in ('avg', ''):
-            raise ValueError(f"global_pool must be 'avg' or '' (none), got {global_pool!r}")
         img_size = to_2tuple(img_size)
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.global_pool = global_pool
+        self._init_common(in_chans, num_classes, global_pool)
         embed_dims = [embed_dim * 2 ** i for i in range(num_stages)]
 
         self.patch_embed = ConvEmbed(in_chans, embed_dim, kernel_size=7, stride=4, padding=2, **dd)
@@ -251,25 +247,14 @@ class FlattenCSWin(FlattenModel):
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=reduction, module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
 
-        self.num_features = self.head_hidden_size = embed_dims[-1]
-        self.norm = LayerNorm2d(self.num_features, eps=1e-5, **dd)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
-        self.apply(_init_weights)
+        self.norm = LayerNorm2d(embed_dims[-1], eps=1e-5, **dd)
+        self._init_head(embed_dims[-1], drop_rate, **dd)
+        self.apply(init_weights)
 
     @torch.jit.ignore
     def no_weight_decay(self):
         return set()
 
-
-def _init_weights(m: nn.Module):
-    if isinstance(m, nn.Linear):
-        trunc_normal_(m.weight, std=.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
 
 
 def checkpoint_filter_fn(state_dict, model: FlattenCSWin):

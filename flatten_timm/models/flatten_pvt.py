@@ -18,10 +18,10 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models.pvt_v2 import MlpWithDepthwiseConv
 
 from flatten_timm.layers import FocusedLinearAttention, SpatialReductionAttention
-from ._base import FlattenModel, build_flatten_model, PyramidStage, resolve_stage_args, stage_drop_path_rates
+from ._base import FlattenModel, build_flatten_model, init_weights, PyramidStage, resolve_stage_args, stage_drop_path_rates
 from ._convert import fit_state_dict_to_model, fuse_qkv, rename_keys, unwrap_state_dict
 
-__all__ = ['FlattenPvt', 'FlattenPvtBlock', 'checkpoint_filter_fn']
+__all__ = ['FlattenPvt', 'FlattenPvtBlock']
 
 
 class FlattenPvtBlock(nn.Module):
@@ -126,12 +126,8 @@ class FlattenPvt(FlattenModel):
         attn_type = resolve_stage_args('attn_type', attn_type, num_stages)
         sr_ratios = resolve_stage_args('sr_ratios', sr_ratios, num_stages)
         la_sr_ratios = [int(r) for r in resolve_stage_args('la_sr_ratios', la_sr_ratios, num_stages)]
-        if global_pool not in ('avg', ''):
-            raise ValueError(f"global_pool must be 'avg' or '' (none), got {global_pool!r}")
         img_size = to_2tuple(img_size)
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.global_pool = global_pool
+        self._init_common(in_chans, num_classes, global_pool)
 
         embed_norm = partial(LayerNorm2d, eps=1e-5)
         self.patch_embed = PatchEmbed(
@@ -173,29 +169,18 @@ class FlattenPvt(FlattenModel):
 
         # the released model pools the last stage without its final norm
         self.norm = nn.Identity()
-        self.num_features = self.head_hidden_size = embed_dims[-1]
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self._init_head(embed_dims[-1], drop_rate, **dd)
         self.init_weights()
 
     def init_weights(self):
         for stage in self.stages:
             trunc_normal_(stage.pos_embed, std=.02)
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     @torch.jit.ignore
     def no_weight_decay(self):
         return {f'stages.{i}.pos_embed' for i in range(len(self.stages))}
 
-
-def _init_weights(m: nn.Module):
-    if isinstance(m, nn.Linear):
-        trunc_normal_(m.weight, std=.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
 
 
 def convert_official_pvt(state_dict, model):

@@ -22,7 +22,7 @@ from ._base import FlattenModel, build_flatten_model, PyramidStage, resolve_stag
 from ._convert import fit_state_dict_to_model, unwrap_state_dict
 from .flatten_pvt import FlattenPvtBlock, _cfg, _official, convert_official_pvt
 
-__all__ = ['FlattenPvtV2', 'checkpoint_filter_fn']
+__all__ = ['FlattenPvtV2']
 
 
 class FlattenPvtV2(FlattenModel):
@@ -74,12 +74,8 @@ class FlattenPvtV2(FlattenModel):
         attn_type = resolve_stage_args('attn_type', attn_type, num_stages)
         sr_ratios = resolve_stage_args('sr_ratios', sr_ratios, num_stages)
         la_sr_ratios = [int(r) for r in resolve_stage_args('la_sr_ratios', la_sr_ratios, num_stages)]
-        if global_pool not in ('avg', ''):
-            raise ValueError(f"global_pool must be 'avg' or '' (none), got {global_pool!r}")
         img_size = to_2tuple(img_size)
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.global_pool = global_pool
+        self._init_common(in_chans, num_classes, global_pool)
 
         self.patch_embed = ConvEmbed(in_chans, embed_dims[0], kernel_size=7, stride=4, padding=3, **dd)
 
@@ -116,9 +112,7 @@ class FlattenPvtV2(FlattenModel):
         self.stages = nn.Sequential(*stages)
 
         self.norm = nn.Identity()  # every stage ends in its own norm
-        self.num_features = self.head_hidden_size = embed_dims[-1]
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self._init_head(embed_dims[-1], drop_rate, **dd)
         self.apply(_init_weights)
 
     @torch.jit.ignore

@@ -10,8 +10,6 @@ Focused linear ('L') blocks use large windows (56 at 224, so the first two stage
 softmax ('S') blocks are the usual shifted 7x7 (12x12 at 384) window attention. Windows are padded
 and cropped, so any input size works.
 """
-import re
-from functools import partial
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -23,11 +21,11 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models.swin_transformer import PatchMerging, window_partition, window_reverse
 
 from flatten_timm.layers import FocusedLinearAttention
-from ._base import FlattenModel, build_flatten_model, resolve_stage_args, stage_drop_path_rates
+from ._base import FlattenModel, build_flatten_model, init_weights, resolve_stage_args, stage_drop_path_rates
 from ._convert import fit_state_dict_to_model, rename_keys, unwrap_state_dict
-from .flatten_pvt import _cfg, _official
+from .flatten_pvt import _official
 
-__all__ = ['FlattenSwin', 'checkpoint_filter_fn']
+__all__ = ['FlattenSwin']
 
 Size = Tuple[int, int]
 
@@ -280,14 +278,10 @@ class FlattenSwin(FlattenModel):
         num_stages = len(depths)
         num_heads = resolve_stage_args('num_heads', num_heads, num_stages)
         attn_type = resolve_stage_args('attn_type', attn_type, num_stages)
-        if global_pool not in ('avg', ''):
-            raise ValueError(f"global_pool must be 'avg' or '' (none), got {global_pool!r}")
         if softmax_window_size is None:
             softmax_window_size = 7 if window_size <= 56 else 12
         img_size = to_2tuple(img_size)
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.global_pool = global_pool
+        self._init_common(in_chans, num_classes, global_pool)
         embed_dims = [int(embed_dim * 2 ** i) for i in range(num_stages)]
 
         self.patch_embed = PatchEmbed(
@@ -321,25 +315,14 @@ class FlattenSwin(FlattenModel):
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=reduction, module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
 
-        self.num_features = self.head_hidden_size = embed_dims[-1]
-        self.norm = norm_layer(self.num_features, **dd)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
-        self.apply(_init_weights)
+        self.norm = norm_layer(embed_dims[-1], **dd)
+        self._init_head(embed_dims[-1], drop_rate, **dd)
+        self.apply(init_weights)
 
     @torch.jit.ignore
     def no_weight_decay(self):
         return {k for k, _ in self.named_parameters() if 'relative_position_bias_table' in k}
 
-
-def _init_weights(m: nn.Module):
-    if isinstance(m, nn.Linear):
-        trunc_normal_(m.weight, std=.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
 
 
 def checkpoint_filter_fn(state_dict, model: FlattenSwin):

@@ -14,11 +14,11 @@ import math
 
 import torch
 import torch.nn as nn
-from timm.layers import to_2tuple, trunc_normal_
+from timm.layers import to_2tuple
 from timm.models import generate_default_cfgs, register_model
 
 from flatten_timm.layers import ConvEmbed
-from ._base import FlattenModel, build_flatten_model, PyramidStage, resolve_stage_args, stage_drop_path_rates
+from ._base import FlattenModel, build_flatten_model, init_weights, PyramidStage, resolve_stage_args, stage_drop_path_rates
 from ._convert import fit_state_dict_to_model, unwrap_state_dict
 from .flatten_pvt import FlattenPvtBlock, _cfg, _official, convert_official_pvt
 
@@ -121,11 +121,9 @@ class FlattenPvtV2(FlattenModel):
 
 
 def _init_weights(m: nn.Module):
-    if isinstance(m, nn.Linear):
-        trunc_normal_(m.weight, std=.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.Conv2d):
+    """The shared init, plus PVTv2's fan-out normal init of convs."""
+    init_weights(m)
+    if isinstance(m, nn.Conv2d):
         fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
         nn.init.normal_(m.weight, 0, math.sqrt(2.0 / fan_out))
         if m.bias is not None:

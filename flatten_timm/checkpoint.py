@@ -20,7 +20,7 @@ import torch.nn as nn
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ['CheckpointError', 'InertObject', 'safe_torch_load', 'load_checkpoint_file', 'load_weights_into']
+__all__ = ['CheckpointError', 'InertObject', 'safe_torch_load', 'load_checkpoint_file', 'load_weights_into', 'create_model_from_checkpoint']
 
 STATE_DICT_KEYS = ('model', 'state_dict', 'model_ema', 'state_dict_ema')
 
@@ -184,3 +184,20 @@ def load_weights_into(
             f'checkpoint does not fit {name}: ' + '; '.join(problems) +
             '. Is it a checkpoint of another architecture or variant?')
     model.load_state_dict(state_dict, strict=False)
+
+
+def create_model_from_checkpoint(model_name: str, path: str, key: Optional[str] = None, **kwargs) -> nn.Module:
+    """ timm.create_model(model_name) with the weights of a checkpoint file, official or this project's.
+
+    The classifier takes the checkpoint's class count, so a fine-tuned file predicts its own classes.
+    """
+    import timm
+    state_dict = load_checkpoint_file(path, key)
+    head = state_dict.get('head.weight', state_dict.get('head.fc.weight'))
+    if head is not None and head.ndim == 2:
+        kwargs.setdefault('num_classes', head.shape[0])
+    model = timm.create_model(model_name, pretrained=False, **kwargs)
+    if not hasattr(model, 'load_weights'):
+        raise CheckpointError(f'{model_name} is not a flatten_timm model; load its checkpoint with timm instead')
+    model.load_weights(state_dict)
+    return model

@@ -24,6 +24,55 @@ def _cmd_models(args) -> int:
     return 0
 
 
+def _cmd_convert(args) -> int:
+    from .hub import convert_checkpoint, push_folder_to_hub
+    folder = convert_checkpoint(args.model, args.checkpoint, args.output, key=args.key,
+                                repo_name=args.push_to_hub, license=args.license)
+    print(f'wrote {folder}: ' + ', '.join(sorted(p.name for p in folder.iterdir())))
+    if args.push_to_hub:
+        print(f'uploaded to {push_folder_to_hub(folder, args.push_to_hub, private=args.private)}')
+    return 0
+
+
+def _class_names(model) -> List[str]:
+    label_names = model.pretrained_cfg.get('label_names')
+    if label_names and len(label_names) == model.num_classes:
+        return list(label_names)
+    if model.num_classes == 1000:
+        from timm.data import ImageNetInfo
+        info = ImageNetInfo()
+        return [info.index_to_description(i) for i in range(1000)]
+    return [f'class {i}' for i in range(model.num_classes)]
+
+
+def _cmd_predict(args) -> int:
+    import timm
+    import torch
+    from PIL import Image, UnidentifiedImageError
+    from .checkpoint import create_model_from_checkpoint
+    if args.checkpoint:
+        model = create_model_from_checkpoint(args.model, args.checkpoint)
+    else:
+        if not args.pretrained:
+            logging.getLogger(__name__).warning('neither --pretrained nor --checkpoint: predicting with random weights')
+        model = timm.create_model(args.model, pretrained=args.pretrained)
+    model.eval()
+    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
+    names = _class_names(model)
+    for path in args.images:
+        try:
+            image = Image.open(path).convert('RGB')
+        except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
+            raise SystemExit(f'cannot read image {path}: {e}')
+        with torch.inference_mode():
+            probs = model(transform(image).unsqueeze(0)).softmax(-1)[0]
+        top = probs.topk(min(args.topk, probs.numel()))
+        print(path)
+        for p, i in zip(top.values.tolist(), top.indices.tolist()):
+            print(f'  {p:7.2%}  {names[i]}')
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='flatten-timm', description='FLatten Transformer backbones for timm.')
     parser.add_argument('-v', '--verbose', action='store_true', help='log what happens')
@@ -32,6 +81,25 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument('--filter', default='', help='only names containing this text')
     models.add_argument('--json', action='store_true', help='print JSON instead of a table')
     models.set_defaults(func=_cmd_models)
+
+    convert = sub.add_parser('convert', help='convert an official checkpoint into a timm Hub folder')
+    convert.add_argument('--model', required=True, help='flatten_* model name, e.g. flatten_pvt_tiny')
+    convert.add_argument('--checkpoint', required=True, help='official .pth (or this project\'s file)')
+    convert.add_argument('--output', required=True, help='folder to write model.safetensors, config.json, README.md')
+    convert.add_argument('--key', default=None, help="checkpoint entry to take: 'model' (default) or 'model_ema'")
+    convert.add_argument('--license', default='other', help='license for the model card (default: other)')
+    convert.add_argument('--push-to-hub', metavar='OWNER/NAME', default=None, help='upload the folder to the Hub')
+    convert.add_argument('--private', action='store_true', help='create the Hub repository as private')
+    convert.set_defaults(func=_cmd_convert)
+
+    predict = sub.add_parser('predict', help='top-k ImageNet classes for images')
+    predict.add_argument('--model', required=True, help="model name, or 'hf-hub:OWNER/NAME'")
+    weights = predict.add_mutually_exclusive_group()
+    weights.add_argument('--pretrained', action='store_true', help='use the pretrained weights of the model')
+    weights.add_argument('--checkpoint', default=None, help='weights file (official .pth or .safetensors)')
+    predict.add_argument('--topk', type=int, default=5, help='how many classes to print (default 5)')
+    predict.add_argument('images', nargs='+', help='image files')
+    predict.set_defaults(func=_cmd_predict)
     return parser
 
 
@@ -39,7 +107,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format='%(levelname)s %(message)s')
     import flatten_timm  # noqa: F401  registers the models
-    return args.func(args)
+    from .checkpoint import CheckpointError
+    try:
+        return args.func(args)
+    except (CheckpointError, FileNotFoundError) as e:
+        print(f'flatten-timm {args.command}: error: {e}', file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        if not str(e).startswith('Unknown model'):
+            raise
+        print(f'flatten-timm {args.command}: error: {e}; `flatten-timm models` lists the names', file=sys.stderr)
+        return 2
 
 
 if __name__ == '__main__':

@@ -6,7 +6,7 @@ stages pass along ('NCHW' or 'NHWC').
 """
 import sys
 from functools import partial
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -141,9 +141,16 @@ class FlattenModel(nn.Module):
         running code from it), or this project's .pth / .safetensors. timm calls this for
         `pretrained=True` (custom_load), with the file or the downloaded official checkpoint.
         """
-        from flatten_timm.checkpoint import load_checkpoint_file, load_weights_into
+        from flatten_timm.checkpoint import load_checkpoint_file
+        self.load_weights(load_checkpoint_file(path, key))
+
+    def load_weights(self, state_dict: Dict[str, torch.Tensor]):
+        """ Load an official or this project's state dict: keys converted by the family's
+        checkpoint_filter_fn, position tables resized, a head of another class count left re-initialised.
+        """
+        from flatten_timm.checkpoint import load_weights_into
         filter_fn = sys.modules[type(self).__module__].checkpoint_filter_fn
-        load_weights_into(self, load_checkpoint_file(path, key), filter_fn=filter_fn)
+        load_weights_into(self, state_dict, filter_fn=filter_fn)
 
     # ---- timm model API ---------------------------------------------------------------------
     @torch.jit.ignore

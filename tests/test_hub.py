@@ -122,3 +122,30 @@ def test_hub_id_overlay_on_a_released_config_loads_the_users_copy(tmp_path):
         loaded = _outputs_of_hub_model(tmp_path, _hub_env(tmp_path, hub.url), 'flatten_pvt_v2_b0.in1k', x,
                                        pretrained_cfg_overlay=dict(hf_hub_id='me/b0'))
     torch.testing.assert_close(loaded, model(x), rtol=0, atol=0)
+
+
+def test_push_to_hub_uploads_the_converted_folder(tmp_path, monkeypatch, capsys):
+    """The upload itself needs the real Hub; what is checked is that the converted folder is what goes up."""
+    import huggingface_hub
+    uploads = []
+
+    class RecordingApi:
+        endpoint = 'https://huggingface.co'
+
+        def __init__(self, **kwargs):
+            pass
+
+        def create_repo(self, repo_id, private=False, exist_ok=False):
+            assert exist_ok
+            return huggingface_hub.RepoUrl(f'https://huggingface.co/{repo_id}')
+
+        def upload_folder(self, repo_id, folder_path, commit_message):
+            uploads.append((repo_id, sorted(os.listdir(folder_path))))
+
+    monkeypatch.setattr(huggingface_hub, 'HfApi', RecordingApi)
+    torch.save(timm.create_model('flatten_pvt_v2_b0').state_dict(), tmp_path / 'b0.pth')
+    assert main(['convert', '--model', 'flatten_pvt_v2_b0', '--checkpoint', str(tmp_path / 'b0.pth'),
+                 '--output', str(tmp_path / 'out'), '--push-to-hub', 'me/flatten_pvt_v2_b0.in1k']) == 0
+    assert uploads == [('me/flatten_pvt_v2_b0.in1k', ['README.md', 'config.json', 'model.safetensors'])]
+    assert 'https://huggingface.co/me/flatten_pvt_v2_b0.in1k' in capsys.readouterr().out
+    assert 'hf-hub:me/flatten_pvt_v2_b0.in1k' in (tmp_path / 'out' / 'README.md').read_text()

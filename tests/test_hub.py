@@ -96,7 +96,8 @@ def test_convert_command_and_predict_with_the_result(tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0] == str(image) and len(lines) == 6
     from timm.data import ImageNetInfo
-    names = {ImageNetInfo().index_to_description(i) for i in range(1000)}
+    info = ImageNetInfo()
+    names = {info.index_to_description(i) for i in range(1000)}
     assert all(line.split('%', 1)[1].strip() in names for line in lines[1:])
 
 

@@ -1,6 +1,7 @@
 """ Convolutional patch embedding / downsampling with a channel LayerNorm, NCHW in and out."""
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 
 __all__ = ['ConvEmbed']
@@ -18,6 +19,7 @@ class ConvEmbed(nn.Module):
             stride: int,
             padding: int,
             norm_eps: float = 1e-5,
+            pad_to_stride: bool = False,
             device=None,
             dtype=None,
     ):
@@ -25,6 +27,14 @@ class ConvEmbed(nn.Module):
         dd = {'device': device, 'dtype': dtype}
         self.proj = nn.Conv2d(in_chs, out_chs, kernel_size, stride=stride, padding=padding, **dd)
         self.norm = LayerNorm2d(out_chs, eps=norm_eps, **dd)
+        # zero-pad right/bottom to a multiple of the stride, so the output is ceil(size / stride)
+        # whatever kernel and padding the checkpoint fixed (CSWin's stem otherwise drops a row at 4k + 1)
+        self.pad_to_stride = pad_to_stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pad_to_stride:
+            stride = self.proj.stride
+            pad_h, pad_w = (-x.shape[-2]) % stride[0], (-x.shape[-1]) % stride[1]
+            if pad_h or pad_w:
+                x = F.pad(x, (0, pad_w, 0, pad_h))
         return self.norm(self.proj(x))

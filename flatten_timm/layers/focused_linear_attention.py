@@ -6,24 +6,16 @@ rank of the attention matrix. Keys/values may come from a spatially reduced grid
 
 This is the one implementation of the math that every flatten_* family uses.
 """
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .spatial_reduction import SpatialReduction, tokens_to_map, map_to_tokens
+from .grid_tokens import GridTableResizer, map_to_tokens, tokens_to_map
+from .spatial_reduction import SpatialReduction
 
-__all__ = ['FocusedLinearAttention', 'focusing_map', 'linear_attention', 'resample_grid_tokens']
-
-
-def resample_grid_tokens(tokens: torch.Tensor, src_size: Tuple[int, int], dst_size: Tuple[int, int]) -> torch.Tensor:
-    """Bilinearly resize (1, h*w, C) tokens laid out on a src_size grid to dst_size."""
-    if tuple(src_size) == tuple(dst_size):
-        return tokens
-    grid = tokens_to_map(tokens, src_size)
-    grid = F.interpolate(grid.float(), size=tuple(dst_size), mode='bilinear', align_corners=False)
-    return map_to_tokens(grid).to(tokens.dtype)
+__all__ = ['FocusedLinearAttention', 'FocusedLinearAttention2d', 'focusing_map', 'linear_attention']
 
 
 def focusing_map(x: torch.Tensor, scale: torch.Tensor, focusing_factor: float) -> torch.Tensor:
@@ -112,7 +104,7 @@ class FocusedLinearAttention(nn.Module):
             torch.zeros(1, self.key_grid_size[0] * self.key_grid_size[1], dim, **dd))
         self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
-        self._pe_cache: Dict[Tuple[int, int], Tuple[int, torch.Tensor]] = {}
+        self._resize_pe = GridTableResizer(self.key_grid_size)
 
     def extra_repr(self) -> str:
         return (f'dim={self.dim}, num_heads={self.num_heads}, focusing_factor={self.focusing_factor}, '
@@ -120,17 +112,7 @@ class FocusedLinearAttention(nn.Module):
 
     def key_positional_encoding(self, key_size: Tuple[int, int]) -> torch.Tensor:
         """The key positional encoding resized to the actual key grid (cached for inference)."""
-        pe = self.positional_encoding
-        key_size = (int(key_size[0]), int(key_size[1]))
-        if key_size == tuple(self.key_grid_size):
-            return pe
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return resample_grid_tokens(pe, self.key_grid_size, key_size)
-        cached = self._pe_cache.get(key_size)
-        if cached is None or cached[0] != pe._version or cached[1].device != pe.device or cached[1].dtype != pe.dtype:
-            cached = (pe._version, resample_grid_tokens(pe, self.key_grid_size, key_size))
-            self._pe_cache[key_size] = cached
-        return cached[1]
+        return self._resize_pe(self.positional_encoding, key_size)
 
     def project(self, x: torch.Tensor, feat_size: Tuple[int, int]):
         """Project (B, H*W, C) tokens to q, k, v; returns them and the key grid size."""
@@ -177,3 +159,50 @@ class FocusedLinearAttention(nn.Module):
         q, k, v, key_size = self.project(x, feat_size)
         x = self.attend(q, k, v, feat_size, key_size)
         return self.proj_drop(self.proj(x))
+
+
+class FocusedLinearAttention2d(FocusedLinearAttention):
+    """ Focused linear attention on a feature map, (B, C, H, W) -> (B, C, H, W), for CNN necks.
+
+    A drop-in attention for YOLO / RT-DETR style necks at any map size, square or not. The key
+    positional encoding is a learned parameter at `grid_size` (the map size at the training
+    resolution, e.g. 20 x 20 for the stride-32 map of a 640 image) and is resized to the map in use.
+    The attention is FocusedLinearAttention's own; only the layout changes.
+
+    Args:
+        dim: channels of the map.
+        num_heads: attention heads (dim must divide by it).
+        grid_size: the map size the positional encoding is learned at.
+        sr_ratio: keys/values from a strided conv of this ratio (1: none); maps must be at least this large.
+        focusing_factor, kernel_size, qkv_bias, proj_drop: as FocusedLinearAttention.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int = 8,
+            grid_size: Tuple[int, int] = (20, 20),
+            sr_ratio: int = 1,
+            focusing_factor: float = 3,
+            kernel_size: int = 5,
+            qkv_bias: bool = True,
+            proj_drop: float = 0.,
+            device=None,
+            dtype=None,
+    ):
+        grid_size = (grid_size, grid_size) if isinstance(grid_size, int) else tuple(grid_size)
+        super().__init__(
+            dim, num_heads=num_heads, grid_size=grid_size, qkv_bias=qkv_bias, sr_ratio=sr_ratio,
+            focusing_factor=focusing_factor, kernel_size=kernel_size, proj_drop=proj_drop, device=device, dtype=dtype)
+        self.sr_ratio = sr_ratio
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != self.dim:
+            raise ValueError(f'{type(self).__name__}(dim={self.dim}) expects a (B, {self.dim}, H, W) map, '
+                             f'got shape {tuple(x.shape)}')
+        B, C, H, W = x.shape
+        if min(H, W) < self.sr_ratio:
+            raise ValueError(f'a {H}x{W} map is smaller than sr_ratio={self.sr_ratio}: use a smaller sr_ratio '
+                             f'for maps this small')
+        out = super().forward(map_to_tokens(x), (H, W))
+        return tokens_to_map(out, (H, W))

@@ -11,18 +11,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import use_fused_attn
 
-__all__ = ['SpatialReduction', 'SpatialReductionAttention', 'tokens_to_map', 'map_to_tokens']
+from .grid_tokens import map_to_tokens, tokens_to_map
 
-
-def tokens_to_map(x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
-    """(B, H*W, C) tokens -> (B, C, H, W) map."""
-    B, N, C = x.shape
-    return x.transpose(1, 2).reshape(B, C, feat_size[0], feat_size[1])
-
-
-def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) map -> (B, H*W, C) tokens."""
-    return x.flatten(2).transpose(1, 2)
+__all__ = ['SpatialReduction', 'SpatialReductionAttention']
 
 
 class SpatialReduction(nn.Module):

@@ -15,7 +15,7 @@ from timm.layers import get_device_dtype, trunc_normal_
 from timm.models import build_model_with_cfg
 from timm.models._features import feature_take_indices
 
-from flatten_timm.layers import map_to_tokens, resample_grid_tokens, tokens_to_map
+from flatten_timm.layers import GridTableResizer, map_to_tokens, tokens_to_map
 
 __all__ = ['FlattenModel', 'PyramidStage', 'build_flatten_model', 'init_weights', 'resolve_stage_args',
            'stage_drop_path_rates']
@@ -65,6 +65,7 @@ class PyramidStage(nn.Module):
         if pos_embed:
             self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size[0] * self.grid_size[1], dim, **dd))
             self.pos_drop = nn.Dropout(drop_rate)
+            self._resize_pos_embed = GridTableResizer(self.grid_size)
         else:
             self.pos_embed = None
         drop_path = list(drop_path) or [0.] * depth
@@ -79,7 +80,7 @@ class PyramidStage(nn.Module):
         feat_size = (x.shape[-2], x.shape[-1])
         x = map_to_tokens(x)
         if self.pos_embed is not None:
-            x = self.pos_drop(x + resample_grid_tokens(self.pos_embed, self.grid_size, feat_size))
+            x = self.pos_drop(x + self._resize_pos_embed(self.pos_embed, feat_size))
         for blk in self.blocks:
             if self.grad_checkpointing and not torch.jit.is_scripting():
                 x = checkpoint(blk, x, feat_size, use_reentrant=False)

@@ -215,7 +215,8 @@ class FlattenCSWin(FlattenModel):
         self._init_common(in_chans, num_classes, global_pool)
         embed_dims = [embed_dim * 2 ** i for i in range(num_stages)]
 
-        self.patch_embed = ConvEmbed(in_chans, embed_dim, kernel_size=7, stride=4, padding=2, **dd)
+        self.patch_embed = ConvEmbed(
+            in_chans, embed_dim, kernel_size=7, stride=4, padding=2, pad_to_stride=True, **dd)
 
         dpr = stage_drop_path_rates(drop_path_rate, depths)
         self.feature_info = []

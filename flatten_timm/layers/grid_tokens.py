@@ -1,0 +1,59 @@
+""" Tokens laid out on an H x W grid: layout changes, and resizing of learned per-position tables."""
+from typing import Dict, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ['tokens_to_map', 'map_to_tokens', 'resample_grid_tokens', 'GridTableResizer']
+
+
+def tokens_to_map(x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
+    """(B, H*W, C) tokens -> (B, C, H, W) map."""
+    B, N, C = x.shape
+    return x.transpose(1, 2).reshape(B, C, feat_size[0], feat_size[1])
+
+
+def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) map -> (B, H*W, C) tokens."""
+    return x.flatten(2).transpose(1, 2)
+
+
+def resample_grid_tokens(tokens: torch.Tensor, src_size: Tuple[int, int], dst_size: Tuple[int, int]) -> torch.Tensor:
+    """Bilinearly resize (1, h*w, C) tokens laid out on a src_size grid to dst_size."""
+    if tuple(src_size) == tuple(dst_size):
+        return tokens
+    grid = tokens_to_map(tokens, src_size)
+    grid = F.interpolate(grid.float(), size=tuple(dst_size), mode='bilinear', align_corners=False)
+    return map_to_tokens(grid).to(tokens.dtype)
+
+
+class GridTableResizer:
+    """ A learned (1, h*w, C) table (positional encoding / embedding) resized to the grid in use.
+
+    At the training grid the parameter itself is returned (bit-identical to a fixed-size model).
+    Other sizes are interpolated; in inference (no grad) the result is cached per size and
+    recomputed only when the parameter changes (its version, device or dtype), so a detector
+    running at a fixed size does no per-call allocation. Not an nn.Module: it holds no state
+    that belongs in a state dict.
+    """
+
+    def __init__(self, grid_size: Tuple[int, int]):
+        self.grid_size = (int(grid_size[0]), int(grid_size[1]))
+        self._cache: Dict[Tuple[int, int], Tuple[int, torch.Tensor]] = {}
+
+    def __call__(self, table: nn.Parameter, size: Tuple[int, int]) -> torch.Tensor:
+        size = (int(size[0]), int(size[1]))
+        if size == self.grid_size:
+            return table
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return resample_grid_tokens(table, self.grid_size, size)
+        cached = self._cache.get(size)
+        if (cached is None or cached[0] != table._version or cached[1].device != table.device
+                or cached[1].dtype != table.dtype):
+            cached = (table._version, resample_grid_tokens(table, self.grid_size, size))
+            self._cache[size] = cached
+        return cached[1]
+
+    def __deepcopy__(self, memo):
+        return GridTableResizer(self.grid_size)  # caches are not copied

@@ -85,12 +85,17 @@ class WindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
         trunc_normal_(self.relative_position_bias_table, std=.02)
+        self._index_cache: Dict[tuple, torch.Tensor] = {}
 
     def relative_position_bias(self, window: Size) -> torch.Tensor:
         if tuple(window) == self.window_size:
             index = self.relative_position_index
         else:  # a smaller window (small feature map) reads the part of the table it covers
-            index = relative_position_index(window, self.window_size, device=self.relative_position_index.device)
+            device = self.relative_position_index.device
+            index = self._index_cache.get((tuple(window), device))
+            if index is None:
+                index = relative_position_index(window, self.window_size, device=device)
+                self._index_cache[(tuple(window), device)] = index
         n = window[0] * window[1]
         return self.relative_position_bias_table[index.reshape(-1)].reshape(n, n, -1).permute(2, 0, 1)
 

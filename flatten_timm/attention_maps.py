@@ -20,8 +20,12 @@ import torch.nn.functional as F
 from .layers import FocusedLinearAttention, FocusedLinearAttention2d, map_to_tokens
 from .layers.focused_linear_attention import focusing_map
 
-__all__ = ['CapturedAttention', 'capture_attention', 'find_linear_attention', 'implicit_attention',
-           'softmax_attention', 'attention_maps', 'attention_rank']
+__all__ = ['LayerChoiceError', 'CapturedAttention', 'capture_attention', 'find_linear_attention', 'implicit_attention',
+           'softmax_attention', 'attention_maps', 'attention_rank', 'draw_attention_figure']
+
+
+class LayerChoiceError(ValueError):
+    """The requested layer or query point does not exist or has no focused linear attention."""
 
 
 @dataclass
@@ -45,7 +49,7 @@ def find_linear_attention(model: nn.Module, stage: Optional[int] = None, block: 
     """ The focused linear attention layer of `stages[stage].blocks[block]` (default: the first one in the model)."""
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, FocusedLinearAttention)]
     if not layers:
-        raise ValueError(f'{type(model).__name__} has no focused linear attention layer')
+        raise LayerChoiceError(f'{type(model).__name__} has no focused linear attention layer')
     if stage is None and block is None:
         return layers[0]
     prefix = f'stages.{stage if stage is not None else 0}.blocks.{block if block is not None else 0}.'
@@ -53,7 +57,7 @@ def find_linear_attention(model: nn.Module, stage: Optional[int] = None, block: 
         if name.startswith(prefix):
             return name, m
     available = sorted({'.'.join(n.split('.')[:4]) for n, _ in layers})
-    raise ValueError(f'{prefix[:-1]} has no focused linear attention (it is softmax or does not exist); '
+    raise LayerChoiceError(f'{prefix[:-1]} has no focused linear attention (it is softmax or does not exist); '
                      f'layers with it: {", ".join(available)}')
 
 
@@ -137,12 +141,82 @@ def depthwise_conv_matrix(captured: CapturedAttention, channel: int = 0) -> torc
 
 def attention_rank(captured: CapturedAttention, head: int = 0, sample: int = 0) -> Dict[str, int]:
     """ Rank of the focused attention matrix (N x n), without and with the depthwise conv added."""
-    attn = implicit_attention(captured.q[sample, head], captured.k[sample, head], captured.scale[head],
-                              captured.focusing_factor)
-    with_dwc = attn + depthwise_conv_matrix(captured)
+    # in float64, so that rounding noise does not count as rank
+    q, k, scale = (t.double() for t in (captured.q[sample, head], captured.k[sample, head], captured.scale[head]))
+    attn = implicit_attention(q, k, scale, captured.focusing_factor)
+    with_dwc = attn + depthwise_conv_matrix(captured).double()
     return {
-        'without_dwc': int(torch.linalg.matrix_rank(attn.double())),
-        'with_dwc': int(torch.linalg.matrix_rank(with_dwc.double())),
+        'without_dwc': int(torch.linalg.matrix_rank(attn)),
+        'with_dwc': int(torch.linalg.matrix_rank(with_dwc)),
         'head_dim': captured.q.shape[-1],
         'full': min(attn.shape),
     }
+
+
+PANEL_INCHES = 3.0
+FIGURE_DPI = 100
+
+
+def figure_size_px(num_points: int) -> Tuple[int, int]:
+    """(width, height) in pixels of the figure draw_attention_figure makes for num_points queries."""
+    return int(4 * PANEL_INCHES * FIGURE_DPI), int((num_points + 1) * PANEL_INCHES * FIGURE_DPI)
+
+
+def draw_attention_figure(image: torch.Tensor, captured: CapturedAttention, points: List[Tuple[int, int]],
+                          head: int = 0, title: str = '', output: Optional[str] = None):
+    """ One row per query point: the image with the point, then the focused, p = 1 and softmax attention
+    of that query overlaid on the image; a last row with the rank of the attention matrix without and
+    with the depthwise conv. Returns the matplotlib figure (saved as PNG when `output` is given).
+
+    image: (3, H, W) in [0, 1], the model's input; points: (x, y) pixels of that image.
+    """
+    import matplotlib
+    if output is not None:
+        matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    H, W = image.shape[-2:]
+    fh, fw = captured.feat_size
+    picture = image.permute(1, 2, 0).clamp(0, 1).numpy()
+    width, height = figure_size_px(len(points))
+    fig = plt.figure(figsize=(width / FIGURE_DPI, height / FIGURE_DPI), dpi=FIGURE_DPI)
+    grid = fig.add_gridspec(len(points) + 1, 4)
+    p = captured.focusing_factor
+    titles = {'focused': f'focused (p = {p:g})', 'linear': 'linear (p = 1)', 'softmax': 'softmax (same q, k)'}
+    titles = {k: v + ', x n' for k, v in titles.items()}
+    for row, (x, y) in enumerate(points):
+        if not (0 <= x < W and 0 <= y < H):
+            raise LayerChoiceError(f'query point ({x}, {y}) is outside the {W}x{H} model input')
+        query = min(int(y * fh / H), fh - 1) * fw + min(int(x * fw / W), fw - 1)
+        maps = attention_maps(captured, query, head=head)
+        ax = fig.add_subplot(grid[row, 0])
+        ax.imshow(picture)
+        ax.plot([x], [y], marker='x', color='red', markersize=10, mew=2)
+        ax.set_title(f'query ({x}, {y})', fontsize=9)
+        ax.axis('off')
+        for col, (name, attn) in enumerate(maps.items(), start=1):
+            ax = fig.add_subplot(grid[row, col])
+            ax.imshow(picture)
+            # in units of the uniform weight 1/n: 1 means "as much as average", comparable across maps
+            heat = F.interpolate(attn[None, None] * attn.numel(), size=(H, W), mode='nearest')[0, 0].numpy()
+            shown = ax.imshow(heat, cmap='jet', alpha=0.5, vmin=0)
+            ax.plot([x], [y], marker='x', color='white', markersize=8, mew=2)
+            ax.set_title(titles[name], fontsize=9)
+            ax.axis('off')
+            fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
+
+    rank = attention_rank(captured, head=head)
+    ax = fig.add_subplot(grid[len(points), 1:3])
+    bars = ax.bar(['attention', 'attention + DWC'], [rank['without_dwc'], rank['with_dwc']], color=['gray', 'tab:blue'])
+    ax.bar_label(bars)
+    ax.axhline(rank['full'], color='green', ls='--', label=f'full rank ({rank["full"]})')
+    ax.axhline(rank['head_dim'], color='red', ls=':', label=f'head dim ({rank["head_dim"]})')
+    ax.set_ylabel('rank')
+    ax.set_title(f'rank of the {fh * fw} x {captured.key_size[0] * captured.key_size[1]} attention matrix', fontsize=9)
+    ax.legend(fontsize=8)
+    fig.suptitle(title + '\nattention weights in units of the uniform weight 1/n', fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    if output is not None:
+        fig.savefig(output, dpi=FIGURE_DPI)
+        plt.close(fig)
+    return fig

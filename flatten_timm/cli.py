@@ -45,32 +45,80 @@ def _class_names(model) -> List[str]:
     return [f'class {i}' for i in range(model.num_classes)]
 
 
-def _cmd_predict(args) -> int:
+def _load_model(args):
+    """The model of --model with the weights of --pretrained or --checkpoint, in eval mode."""
     import timm
-    import torch
-    from PIL import Image, UnidentifiedImageError
     from .checkpoint import create_model_from_checkpoint
     if args.checkpoint:
-        model = create_model_from_checkpoint(args.model, args.checkpoint)
-    else:
-        if not args.pretrained:
-            logging.getLogger(__name__).warning('neither --pretrained nor --checkpoint: predicting with random weights')
-        model = timm.create_model(args.model, pretrained=args.pretrained)
-    model.eval()
-    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
+        return create_model_from_checkpoint(args.model, args.checkpoint).eval()
+    if not args.pretrained:
+        logging.getLogger(__name__).warning('neither --pretrained nor --checkpoint: using random weights')
+    return timm.create_model(args.model, pretrained=args.pretrained).eval()
+
+
+def _read_image(path: str):
+    from PIL import Image, UnidentifiedImageError
+    try:
+        return Image.open(path).convert('RGB')
+    except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
+        raise SystemExit(f'cannot read image {path}: {e}')
+
+
+def _eval_transform(model):
+    import timm
+    return timm.data.create_transform(**timm_data_config(model))
+
+
+def _cmd_predict(args) -> int:
+    import torch
+    model = _load_model(args)
+    transform = _eval_transform(model)
     names = _class_names(model)
     for path in args.images:
-        try:
-            image = Image.open(path).convert('RGB')
-        except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
-            raise SystemExit(f'cannot read image {path}: {e}')
         with torch.inference_mode():
-            probs = model(transform(image).unsqueeze(0)).softmax(-1)[0]
+            probs = model(transform(_read_image(path)).unsqueeze(0)).softmax(-1)[0]
         top = probs.topk(min(args.topk, probs.numel()))
         print(path)
         for p, i in zip(top.values.tolist(), top.indices.tolist()):
             print(f'  {p:7.2%}  {names[i]}')
     return 0
+
+
+def _point(text: str):
+    try:
+        x, y = (int(float(v)) for v in text.split(','))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'a point is x,y in pixels of the model input, got {text!r}')
+    return x, y
+
+
+def _cmd_visualize(args) -> int:
+    import torch
+    from .attention_maps import capture_attention, draw_attention_figure, find_linear_attention
+    model = _load_model(args)
+    config = timm_data_config(model)
+    x = _eval_transform(model)(_read_image(args.image)).unsqueeze(0)
+    name, layer = find_linear_attention(model, args.stage, args.block)
+    if not 0 <= args.head < layer.num_heads:
+        raise SystemExit(f'--head {args.head}: {name} has {layer.num_heads} heads')
+    with capture_attention(model, layer) as captured, torch.inference_mode():
+        model(x)
+    if captured[0].q.shape[0] != 1:
+        raise SystemExit(f'{name} attends within windows smaller than the map; pick a layer with global attention')
+    mean = torch.tensor(config['mean']).view(3, 1, 1)
+    std = torch.tensor(config['std']).view(3, 1, 1)
+    image = x[0] * std + mean
+    H, W = image.shape[-2:]
+    points = args.points or [(W // 2, H // 2)]
+    title = f'{args.model}: {name} (head {args.head}), input {W}x{H}'
+    draw_attention_figure(image, captured[0], points, head=args.head, title=title, output=args.output)
+    print(f'wrote {args.output}')
+    return 0
+
+
+def timm_data_config(model):
+    import timm
+    return timm.data.resolve_data_config({}, model=model)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,6 +148,21 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument('--topk', type=int, default=5, help='how many classes to print (default 5)')
     predict.add_argument('images', nargs='+', help='image files')
     predict.set_defaults(func=_cmd_predict)
+
+    visualize = sub.add_parser('visualize', help='attention maps of a focused linear attention layer, as a PNG')
+    visualize.add_argument('--model', required=True, help="model name, or 'hf-hub:OWNER/NAME'")
+    weights = visualize.add_mutually_exclusive_group()
+    weights.add_argument('--pretrained', action='store_true', help='use the pretrained weights of the model')
+    weights.add_argument('--checkpoint', default=None, help='weights file (official .pth or .safetensors)')
+    visualize.add_argument('--image', required=True, help='image file')
+    visualize.add_argument('--stage', type=int, default=None, help='stage of the layer (default: the first '
+                           'with focused linear attention)')
+    visualize.add_argument('--block', type=int, default=None, help='block in that stage (default 0)')
+    visualize.add_argument('--head', type=int, default=0, help='attention head (default 0)')
+    visualize.add_argument('--points', type=_point, nargs='+', default=None, metavar='X,Y',
+                           help='query points, pixels of the model input (default: the centre)')
+    visualize.add_argument('--output', required=True, help='PNG to write')
+    visualize.set_defaults(func=_cmd_visualize)
     return parser
 
 
@@ -107,10 +170,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format='%(levelname)s %(message)s')
     import flatten_timm  # noqa: F401  registers the models
+    from .attention_maps import LayerChoiceError
     from .checkpoint import CheckpointError
     try:
         return args.func(args)
-    except (CheckpointError, FileNotFoundError) as e:
+    except (CheckpointError, FileNotFoundError, LayerChoiceError) as e:
         print(f'flatten-timm {args.command}: error: {e}', file=sys.stderr)
         return 2
     except RuntimeError as e:

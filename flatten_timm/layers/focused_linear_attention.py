@@ -21,9 +21,10 @@ __all__ = ['FocusedLinearAttention', 'FocusedLinearAttention2d', 'focusing_map',
 def focusing_map(x: torch.Tensor, scale: torch.Tensor, focusing_factor: float) -> torch.Tensor:
     """phi_p(x): ReLU kernel, divided by a learned scale, raised to power p at unchanged L2 norm.
 
-    Computed in float32: the power overflows fp16 and loses the norm in bf16.
+    Computed in float32 at least: the power overflows fp16 and loses the norm in bf16.
     """
-    x = (F.relu(x.float()) + 1e-6) / scale.float()
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    x = (F.relu(x.to(dtype)) + 1e-6) / scale.to(dtype)
     x_norm = x.norm(dim=-1, keepdim=True)
     x_pow = x ** focusing_factor
     return (x_pow / x_pow.norm(dim=-1, keepdim=True)) * x_norm

@@ -116,9 +116,29 @@ def _cmd_visualize(args) -> int:
     return 0
 
 
+def _cmd_bench(args) -> int:
+    from .benchmark import benchmark, format_table, write_json, write_plot
+    results = benchmark(args.models, img_sizes=args.img_size, batch_size=args.batch_size, dtype=args.dtype,
+                        modes=args.mode, device=args.device, peers=not args.no_peers,
+                        official_repo=args.official_repo, warmup=args.warmup, repeats=args.repeats)
+    print(format_table(results))
+    if args.json:
+        write_json(results, args.json, args.device)
+        print(f'wrote {args.json}')
+    if args.plot:
+        write_plot(results, args.plot, args.device)
+        print(f'wrote {args.plot}')
+    return 0
+
+
 def timm_data_config(model):
     import timm
     return timm.data.resolve_data_config({}, model=model)
+
+
+def _cuda_available() -> bool:
+    import torch
+    return torch.cuda.is_available()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,6 +183,24 @@ def build_parser() -> argparse.ArgumentParser:
                            help='query points, pixels of the model input (default: the centre)')
     visualize.add_argument('--output', required=True, help='PNG to write')
     visualize.set_defaults(func=_cmd_visualize)
+
+    bench = sub.add_parser('bench', help='images/s and memory of flatten models beside timm softmax peers')
+    bench.add_argument('--models', nargs='+', default=['flatten_pvt_v2_b0', 'flatten_swin_tiny_patch4_224'],
+                       help='flatten models to measure')
+    bench.add_argument('--img-size', type=int, nargs='+', default=[224], help='resolutions (default 224)')
+    bench.add_argument('-b', '--batch-size', type=int, default=32)
+    bench.add_argument('--dtype', default='fp32', choices=['fp32', 'bf16', 'fp16'], help='fp32, or autocast')
+    bench.add_argument('--mode', nargs='+', default=['infer'], choices=['infer', 'train', 'compile'],
+                       help='inference, a training step, compiled inference')
+    bench.add_argument('--device', default='cuda' if _cuda_available() else 'cpu')
+    bench.add_argument('--no-peers', action='store_true', help="skip timm's softmax models")
+    bench.add_argument('--official-repo', default=None,
+                       help='a checkout of LeapLabTHU/FLatten-Transformer, to measure the official code too')
+    bench.add_argument('--warmup', type=int, default=3)
+    bench.add_argument('--repeats', type=int, default=10, help='timed batches; the median is reported')
+    bench.add_argument('--json', default=None, help='write the results and environment as JSON')
+    bench.add_argument('--plot', default=None, help='write a PNG of images/s against resolution')
+    bench.set_defaults(func=_cmd_bench)
     return parser
 
 

@@ -1,0 +1,254 @@
+""" Throughput and memory of flatten models side by side with timm's softmax models of their size.
+
+Every measurement of one run uses the same device, dtype, batch and timing method: warm-up
+batches, then the median of timed batches, each ended by a device synchronisation. The official
+FLatten code can be measured in the same run when its checkout is given (its model files are
+imported without registering anything).
+"""
+import contextlib
+import importlib.util
+import io
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Dict, List, Optional, Sequence
+
+import timm
+import torch
+import torch.nn as nn
+
+from .zoo import count_params_and_gmacs
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ['SOFTMAX_PEERS', 'BenchResult', 'benchmark', 'load_official_model', 'format_table', 'write_json',
+           'write_plot']
+
+# timm softmax-attention model of about the same size (timm has no PVT v1 nor CSWin)
+SOFTMAX_PEERS = {
+    'flatten_pvt_tiny': 'pvt_v2_b1', 'flatten_pvt_small': 'pvt_v2_b2', 'flatten_pvt_medium': 'pvt_v2_b3',
+    'flatten_pvt_large': 'pvt_v2_b4',
+    **{f'flatten_pvt_v2_b{i}': f'pvt_v2_b{i}' for i in range(6)},
+    'flatten_swin_tiny_patch4_224': 'swin_tiny_patch4_window7_224',
+    'flatten_swin_small_patch4_224': 'swin_small_patch4_window7_224',
+    'flatten_swin_base_patch4_224': 'swin_base_patch4_window7_224',
+    'flatten_swin_base_patch4_384': 'swin_base_patch4_window12_384',
+    'flatten_cswin_tiny_224': 'swin_tiny_patch4_window7_224', 'flatten_cswin_small_224': 'swin_small_patch4_window7_224',
+    'flatten_cswin_base_224': 'swin_base_patch4_window7_224', 'flatten_cswin_base_384': 'swin_base_patch4_window12_384',
+}
+
+# how the official code builds the released layouts: (file, factory, kwargs of its configs)
+_LA = dict(focusing_factor=3, kernel_size=5)
+OFFICIAL_BUILDERS = {
+    'flatten_pvt_tiny': ('flatten_pvt', 'flatten_pvt_tiny', dict(_LA, attn_type='LLLL', la_sr_ratios='1111')),
+    'flatten_pvt_v2_b0': ('flatten_pvt_v2', 'flatten_pvt_v2_b0', dict(_LA, attn_type='LLLL', la_sr_ratios='1111')),
+    'flatten_pvt_v2_b1': ('flatten_pvt_v2', 'flatten_pvt_v2_b1', dict(_LA, attn_type='LLLL', la_sr_ratios='1111')),
+    'flatten_swin_tiny_patch4_224': ('flatten_swin', 'FLattenSwinTransformer', dict(
+        _LA, img_size=224, embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=56,
+        attn_type='LLSS')),
+    'flatten_cswin_tiny_224': ('flatten_cswin', 'FLatten_CSWin_64_24181_tiny_224', dict(
+        _LA, attn_type='LLSS', la_split_size='56-28-14-7')),
+}
+
+
+OFFICIAL_IMG_SIZE = 224  # the official models only run at the resolution they are built for
+
+
+@dataclass
+class BenchResult:
+    model: str
+    kind: str  # 'flatten', 'softmax peer' or 'official'
+    flatten_model: str  # the flatten model this row is compared with
+    img_size: int
+    batch_size: int
+    dtype: str
+    mode: str
+    params_m: float
+    gmacs: float
+    img_per_s: float
+    ms_per_batch: float
+    peak_mib: Optional[float]
+    ratio_vs_flatten: Optional[float] = None
+    extra: Dict = field(default_factory=dict)
+
+
+def load_official_model(name: str, official_repo: str, img_size: int) -> nn.Module:
+    """Build the official implementation of `name` from a checkout of LeapLabTHU/FLatten-Transformer."""
+    if name not in OFFICIAL_BUILDERS:
+        raise KeyError(f'no official builder for {name}; known: {", ".join(OFFICIAL_BUILDERS)}')
+    file, factory, kwargs = OFFICIAL_BUILDERS[name]
+    path = os.path.join(official_repo, 'models', f'{file}.py')
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'{path} not found: --official-repo must be a FLatten-Transformer checkout')
+    # the official files import timm's deprecated paths and print while building: keep the output clean
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter('ignore', FutureWarning)
+        import timm.models
+        import timm.models.registry
+        saved = timm.models.register_model, timm.models.registry.register_model
+        timm.models.register_model = timm.models.registry.register_model = lambda fn: fn  # keep the registry ours
+        try:
+            spec = importlib.util.spec_from_file_location(f'official_{file}', path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        finally:
+            timm.models.register_model, timm.models.registry.register_model = saved
+        if 'img_size' in kwargs:
+            kwargs = dict(kwargs, img_size=img_size)
+        return getattr(module, factory)(**kwargs)
+
+
+def _build(model_name: str, kind: str, img_size: int, official_repo: Optional[str]) -> nn.Module:
+    if kind == 'official':
+        return load_official_model(model_name, official_repo, img_size)
+    # timm's Swin fixes its window layout at construction; flatten models take any size
+    kwargs = {'img_size': img_size} if kind == 'softmax peer' and 'swin' in model_name else {}
+    return timm.create_model(model_name, **kwargs)
+
+
+def _sync(device: torch.device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def time_model(model: nn.Module, img_size: int, batch_size: int, dtype: str, mode: str, device: torch.device,
+               warmup: int = 3, repeats: int = 10) -> Dict[str, Optional[float]]:
+    """Median seconds per batch and peak memory (MiB, CUDA only) of inference or a training step."""
+    amp = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(dtype)
+    x = torch.randn(batch_size, 3, img_size, img_size, device=device)
+    model = model.to(device)
+    if mode == 'compile':
+        model = torch.compile(model)
+    train = mode == 'train'
+    model.train(train)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-6) if train else None
+    amp_ctx = (lambda: torch.autocast(device.type, dtype=amp)) if amp else torch.no_grad
+
+    def step():
+        if train:
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                loss = model(x).float().mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            with torch.no_grad(), amp_ctx():
+                model(x)
+
+    for _ in range(warmup):
+        step()
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == 'cuda' else None
+    return {'seconds': statistics.median(times), 'peak_mib': peak}
+
+
+def benchmark(models: Sequence[str], img_sizes: Sequence[int] = (224,), batch_size: int = 32, dtype: str = 'fp32',
+              modes: Sequence[str] = ('infer',), device: str = 'cpu', peers: bool = True,
+              official_repo: Optional[str] = None, warmup: int = 3, repeats: int = 10) -> List[BenchResult]:
+    """Measure each flatten model, its softmax peer and (with official_repo) the official code, side by side."""
+    device = torch.device(device)
+    results = []
+    for name in models:
+        if not timm.is_model(name):
+            raise ValueError(f'unknown model {name!r}')
+        for img_size in img_sizes:
+            contenders = [(name, 'flatten')]
+            if peers and name in SOFTMAX_PEERS:
+                contenders.append((SOFTMAX_PEERS[name], 'softmax peer'))
+            if official_repo and name in OFFICIAL_BUILDERS:
+                if img_size == OFFICIAL_IMG_SIZE:
+                    contenders.append((name, 'official'))
+                else:
+                    _logger.warning(f'the official code runs only at {OFFICIAL_IMG_SIZE}px: not measured at {img_size}')
+            for mode in modes:
+                rows = []
+                for model_name, kind in contenders:
+                    torch.manual_seed(0)
+                    model = _build(model_name, kind, img_size, official_repo)
+                    if kind == 'official':  # its constructors need real tensors
+                        params_m, gmacs = count_params_and_gmacs(model, (3, img_size, img_size))
+                    else:
+                        with torch.device('meta'):  # counting on the meta device costs nothing
+                            params_m, gmacs = count_params_and_gmacs(
+                                _build(model_name, kind, img_size, official_repo), (3, img_size, img_size))
+                    timing = time_model(model, img_size, batch_size, dtype, mode, device, warmup, repeats)
+                    rows.append(BenchResult(
+                        model=model_name if kind != 'official' else f'official {model_name}', kind=kind,
+                        flatten_model=name, img_size=img_size, batch_size=batch_size, dtype=dtype, mode=mode,
+                        params_m=round(params_m, 2), gmacs=round(gmacs, 2),
+                        img_per_s=round(batch_size / timing['seconds'], 2),
+                        ms_per_batch=round(timing['seconds'] * 1e3, 2),
+                        peak_mib=round(timing['peak_mib'], 1) if timing['peak_mib'] is not None else None))
+                    _logger.info(f'{rows[-1].model} {img_size}px {mode}: {rows[-1].img_per_s} img/s')
+                    del model
+                base = rows[0].img_per_s
+                for row in rows:
+                    row.ratio_vs_flatten = round(base / row.img_per_s, 3)
+                results.extend(rows)
+    return results
+
+
+def environment(device: str) -> Dict[str, str]:
+    device = torch.device(device)
+    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else (platform.processor() or 'cpu')
+    return {
+        'device': f'{name} ({torch.get_num_threads()} threads)' if device.type == 'cpu' else name,
+        'torch': torch.__version__, 'timm': timm.__version__,
+        'date': datetime.now(timezone.utc).strftime('%Y-%m-%d'),
+    }
+
+
+def format_table(results: List[BenchResult]) -> str:
+    header = ('| model | kind | size | batch | dtype | mode | params (M) | GMACs | img/s | peak MiB | '
+              'flatten speed-up |')
+    lines = [header, '|' + '---|' * (header.count('|') - 1)]
+    for r in results:
+        peak = f'{r.peak_mib:.0f}' if r.peak_mib is not None else '-'
+        ratio = '' if r.kind == 'flatten' else f'{r.ratio_vs_flatten:.2f}x'
+        lines.append(f'| {r.model} | {r.kind} | {r.img_size} | {r.batch_size} | {r.dtype} | {r.mode} | '
+                     f'{r.params_m:.2f} | {r.gmacs:.2f} | {r.img_per_s:.1f} | {peak} | {ratio} |')
+    return '\n'.join(lines)
+
+
+def write_json(results: List[BenchResult], path: str, device: str):
+    with open(path, 'w') as f:
+        json.dump({'environment': environment(device), 'results': [asdict(r) for r in results]}, f, indent=1)
+
+
+def write_plot(results: List[BenchResult], path: str, device: str):
+    """Images per second against resolution, one line per model and mode."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    series: Dict[str, List[BenchResult]] = {}
+    for r in results:
+        series.setdefault(f'{r.model} ({r.mode}, {r.dtype})', []).append(r)
+    for label, rows in series.items():
+        rows = sorted(rows, key=lambda r: r.img_size)
+        style = '-' if rows[0].kind == 'flatten' else ('--' if rows[0].kind == 'softmax peer' else ':')
+        ax.plot([r.img_size for r in rows], [r.img_per_s for r in rows], style, marker='o', label=label)
+    ax.set_xlabel('image size (px)')
+    ax.set_ylabel('images / s')
+    ax.set_yscale('log')
+    env = environment(device)
+    ax.set_title(f"{env['device']}, torch {env['torch']}, {env['date']}", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

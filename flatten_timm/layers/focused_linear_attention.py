@@ -31,19 +31,26 @@ def focusing_map(x: torch.Tensor, scale: torch.Tensor, focusing_factor: float) -
 
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Multi-head linear attention phi(q) (phi(k)^T v) / (phi(q) . sum phi(k)).
+    """Multi-head linear attention phi(q) (phi(k)^T v) / (phi(q) . mean phi(k)).
 
-    q: (B, N, C), k and v: (B, n, C), already mapped; returns (B, N, C) with heads merged.
+    q: (B, N, C), k and v: (B, n, C); q and k already mapped (float32 from focusing_map), v in the
+    compute dtype. Returns (B, N, C) in v's dtype, heads merged.
     """
     B, N, C = q.shape
     n = k.shape[1]
     q = q.reshape(B, N, num_heads, -1).transpose(1, 2)
     k = k.reshape(B, n, num_heads, -1).transpose(1, 2)
     v = v.reshape(B, n, num_heads, -1).transpose(1, 2)
-    z = 1 / (q @ k.mean(dim=-2, keepdim=True).transpose(-2, -1) + 1e-6)
+    # the normaliser in q's precision (float32): a product and a sum, which autocast leaves alone
+    z = 1 / ((q * k.mean(dim=-2, keepdim=True)).sum(dim=-1, keepdim=True) + 1e-6)
+    if v.dtype in (torch.float16, torch.bfloat16):
+        # a query whose ReLU is all zero maps to ~1e-6, below fp16's normal range: its per-query scale
+        # cancels between numerator and normaliser, so bring it to unit norm before the cast
+        q_norm = q.norm(dim=-1, keepdim=True)
+        q, z = q / q_norm, z * q_norm
     # k^T v / n, each factor scaled by n**-0.5 to stay inside the fp16 range
-    kv = (k.transpose(-2, -1) * (n ** -0.5)) @ (v * (n ** -0.5))
-    x = q @ kv * z
+    kv = (k.to(v.dtype).transpose(-2, -1) * (n ** -0.5)) @ (v * (n ** -0.5))
+    x = ((q.to(v.dtype) @ kv) * z).to(v.dtype)
     return x.transpose(1, 2).reshape(B, N, C)
 
 
@@ -153,7 +160,7 @@ class FocusedLinearAttention(nn.Module):
         scale = F.softplus(self.scale)
         q = focusing_map(q, scale, self.focusing_factor)
         k = focusing_map(k, scale, self.focusing_factor)
-        x = linear_attention(q.to(v.dtype), k.to(v.dtype), v, self.num_heads)
+        x = linear_attention(q, k, v, self.num_heads)
         return x + self.restore_rank(v, feat_size)
 
     def forward(self, x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:

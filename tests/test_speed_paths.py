@@ -1,0 +1,73 @@
+""" What the speed work must keep: compilable models, finite mixed precision, and the benchmark command."""
+import json
+
+import pytest
+import timm
+import torch
+
+from flatten_timm.cli import main
+from test_models import TINY
+
+
+@pytest.mark.parametrize('name', sorted(TINY))
+def test_compiles_without_graph_breaks(name):
+    """fullgraph=True fails on any graph break; aot_eager traces forward and backward without a C compiler."""
+    torch._dynamo.reset()
+    model = timm.create_model(name, **TINY[name], drop_path_rate=0.)  # training mode without randomness
+    compiled = torch.compile(model, fullgraph=True, backend='aot_eager')
+    x = torch.randn(2, 3, 64, 96)
+    out = compiled(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+    model.eval()
+    with torch.no_grad():  # the inference path (cached position tables) compiles too
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('name', sorted(TINY))
+def test_bf16_autocast_forward_and_backward_are_finite(name):
+    model = timm.create_model(name, **TINY[name])
+    x = torch.randn(2, 3, 64, 64)
+    reference = model(x)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = model(x)
+    out.float().sum().backward()
+    assert torch.isfinite(out.float()).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    torch.testing.assert_close(out.float(), reference, rtol=0.1, atol=0.1)  # bf16 keeps ~3 significant digits
+
+
+def test_200_fp16_autocast_training_steps_stay_finite():
+    torch.manual_seed(0)
+    model = timm.create_model('flatten_pvt_v2_b0', **TINY['flatten_pvt_v2_b0'], num_classes=4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler('cpu')
+    for step in range(200):
+        x = torch.randn(4, 3, 32, 32) * 3
+        y = torch.randint(0, 4, (4,))
+        with torch.autocast('cpu', dtype=torch.float16):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        assert torch.isfinite(loss), f'step {step}: loss {loss}'
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_bench_command_measures_side_by_side(tmp_path, capsys):
+    assert main(['bench', '--models', 'flatten_pvt_v2_b0', '--img-size', '64', '96', '-b', '1', '--repeats', '1',
+                 '--warmup', '1', '--mode', 'infer', 'train', '--device', 'cpu',
+                 '--json', str(tmp_path / 'b.json'), '--plot', str(tmp_path / 'b.png')]) == 0
+    table = capsys.readouterr().out
+    assert '| flatten_pvt_v2_b0 | flatten | 64 |' in table and '| pvt_v2_b0 | softmax peer | 96 |' in table
+    report = json.loads((tmp_path / 'b.json').read_text())
+    assert {'device', 'torch', 'timm', 'date'} <= set(report['environment'])
+    rows = report['results']
+    assert len(rows) == 2 * 2 * 2  # (flatten, peer) x 2 sizes x 2 modes
+    for row in rows:
+        assert row['img_per_s'] > 0 and row['params_m'] > 3 and row['gmacs'] > 0
+        flatten = next(r for r in rows if r['kind'] == 'flatten' and r['img_size'] == row['img_size']
+                       and r['mode'] == row['mode'])
+        assert row['ratio_vs_flatten'] == pytest.approx(flatten['img_per_s'] / row['img_per_s'], rel=1e-2)
+    assert (tmp_path / 'b.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'

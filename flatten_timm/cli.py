@@ -141,6 +141,14 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def _add_model_arguments(parser: argparse.ArgumentParser):
+    """--model and its weights (--pretrained or --checkpoint), as _load_model reads them."""
+    parser.add_argument('--model', required=True, help="model name, or 'hf-hub:OWNER/NAME'")
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument('--pretrained', action='store_true', help='use the pretrained weights of the model')
+    weights.add_argument('--checkpoint', default=None, help='weights file (official .pth or .safetensors)')
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='flatten-timm', description='FLatten Transformer backbones for timm.')
     parser.add_argument('-v', '--verbose', action='store_true', help='log what happens')
@@ -161,19 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     convert.set_defaults(func=_cmd_convert)
 
     predict = sub.add_parser('predict', help='top-k ImageNet classes for images')
-    predict.add_argument('--model', required=True, help="model name, or 'hf-hub:OWNER/NAME'")
-    weights = predict.add_mutually_exclusive_group()
-    weights.add_argument('--pretrained', action='store_true', help='use the pretrained weights of the model')
-    weights.add_argument('--checkpoint', default=None, help='weights file (official .pth or .safetensors)')
+    _add_model_arguments(predict)
     predict.add_argument('--topk', type=int, default=5, help='how many classes to print (default 5)')
     predict.add_argument('images', nargs='+', help='image files')
     predict.set_defaults(func=_cmd_predict)
 
     visualize = sub.add_parser('visualize', help='attention maps of a focused linear attention layer, as a PNG')
-    visualize.add_argument('--model', required=True, help="model name, or 'hf-hub:OWNER/NAME'")
-    weights = visualize.add_mutually_exclusive_group()
-    weights.add_argument('--pretrained', action='store_true', help='use the pretrained weights of the model')
-    weights.add_argument('--checkpoint', default=None, help='weights file (official .pth or .safetensors)')
+    _add_model_arguments(visualize)
     visualize.add_argument('--image', required=True, help='image file')
     visualize.add_argument('--stage', type=int, default=None, help='stage of the layer (default: the first '
                            'with focused linear attention)')

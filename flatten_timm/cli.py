@@ -3,6 +3,7 @@ import argparse
 import json
 import logging
 import sys
+import urllib.error
 from typing import List, Optional
 
 __all__ = ['main']
@@ -216,6 +217,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return args.func(args)
     except (CheckpointError, FileNotFoundError, LayerChoiceError) as e:
         print(f'flatten-timm {args.command}: error: {e}', file=sys.stderr)
+        return 2
+    except urllib.error.URLError as e:
+        print(f'flatten-timm {args.command}: error: could not download the weights ({e.reason}); without a '
+              f'network, download them elsewhere and pass --checkpoint FILE', file=sys.stderr)
         return 2
     except RuntimeError as e:
         if not str(e).startswith('Unknown model'):

@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import time
+import urllib.error
 from contextlib import nullcontext
 
 import torch
@@ -80,6 +81,8 @@ def main(argv=None) -> int:
         model = load_model(args).to(device).eval()
     except (CheckpointError, FileNotFoundError) as e:
         raise SystemExit(str(e))
+    except urllib.error.URLError as e:
+        raise SystemExit(f'could not download the weights of {args.model} ({e.reason}): pass --checkpoint FILE')
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
 

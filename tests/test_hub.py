@@ -150,3 +150,16 @@ def test_push_to_hub_uploads_the_converted_folder(tmp_path, monkeypatch, capsys)
     assert uploads == [('me/flatten_pvt_v2_b0.in1k', ['README.md', 'config.json', 'model.safetensors'])]
     assert 'https://huggingface.co/me/flatten_pvt_v2_b0.in1k' in capsys.readouterr().out
     assert 'hf-hub:me/flatten_pvt_v2_b0.in1k' in (tmp_path / 'out' / 'README.md').read_text()
+
+
+def test_pretrained_download_failure_is_explained(tmp_path, monkeypatch, capsys):
+    import urllib.error
+    import timm.models._builder as builder
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError('Name or service not known')
+    monkeypatch.setattr(builder, 'download_cached_file', offline)
+    image = tmp_path / 'x.png'
+    Image.new('RGB', (64, 64)).save(image)
+    assert main(['predict', '--model', 'flatten_pvt_v2_b0', '--pretrained', str(image)]) == 2
+    assert 'could not download the weights' in capsys.readouterr().err

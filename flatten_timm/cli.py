@@ -61,13 +61,18 @@ def _read_image(path: str):
     from PIL import Image, UnidentifiedImageError
     try:
         return Image.open(path).convert('RGB')
-    except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
+    except (UnidentifiedImageError, OSError) as e:
         raise SystemExit(f'cannot read image {path}: {e}')
+
+
+def _data_config(model) -> dict:
+    import timm
+    return timm.data.resolve_data_config({}, model=model)
 
 
 def _eval_transform(model):
     import timm
-    return timm.data.create_transform(**timm_data_config(model))
+    return timm.data.create_transform(**_data_config(model))
 
 
 def _cmd_predict(args) -> int:
@@ -97,7 +102,7 @@ def _cmd_visualize(args) -> int:
     import torch
     from .attention_maps import capture_attention, draw_attention_figure, find_linear_attention
     model = _load_model(args)
-    config = timm_data_config(model)
+    config = _data_config(model)
     x = _eval_transform(model)(_read_image(args.image)).unsqueeze(0)
     name, layer = find_linear_attention(model, args.stage, args.block)
     if not 0 <= args.head < layer.num_heads:
@@ -130,11 +135,6 @@ def _cmd_bench(args) -> int:
         write_plot(results, args.plot, args.device)
         print(f'wrote {args.plot}')
     return 0
-
-
-def timm_data_config(model):
-    import timm
-    return timm.data.resolve_data_config({}, model=model)
 
 
 def _cuda_available() -> bool:

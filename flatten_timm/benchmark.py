@@ -39,7 +39,8 @@ SOFTMAX_PEERS = {
     'flatten_swin_small_patch4_224': 'swin_small_patch4_window7_224',
     'flatten_swin_base_patch4_224': 'swin_base_patch4_window7_224',
     'flatten_swin_base_patch4_384': 'swin_base_patch4_window12_384',
-    'flatten_cswin_tiny_224': 'swin_tiny_patch4_window7_224', 'flatten_cswin_small_224': 'swin_small_patch4_window7_224',
+    'flatten_cswin_tiny_224': 'swin_tiny_patch4_window7_224',
+    'flatten_cswin_small_224': 'swin_small_patch4_window7_224',
     'flatten_cswin_base_224': 'swin_base_patch4_window7_224', 'flatten_cswin_base_384': 'swin_base_patch4_window12_384',
 }
 

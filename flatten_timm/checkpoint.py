@@ -20,7 +20,8 @@ import torch.nn as nn
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ['CheckpointError', 'InertObject', 'safe_torch_load', 'load_checkpoint_file', 'load_weights_into', 'create_model_from_checkpoint']
+__all__ = ['CheckpointError', 'InertObject', 'safe_torch_load', 'load_checkpoint_file', 'load_weights_into',
+           'create_model_from_checkpoint']
 
 STATE_DICT_KEYS = ('model', 'state_dict', 'model_ema', 'state_dict_ema')
 
@@ -193,7 +194,7 @@ def create_model_from_checkpoint(model_name: str, path: str, key: Optional[str] 
     """
     import timm
     state_dict = load_checkpoint_file(path, key)
-    head = state_dict.get('head.weight', state_dict.get('head.fc.weight'))
+    head = state_dict.get('head.weight')
     if head is not None and head.ndim == 2:
         kwargs.setdefault('num_classes', head.shape[0])
     model = timm.create_model(model_name, pretrained=False, **kwargs)

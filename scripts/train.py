@@ -147,7 +147,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def check_args(args, world_size: int = 1):
+def check_args(args):
     """Fail at once, before any data is read, on arguments that cannot work."""
     if not (args.model.startswith('hf-hub:') or timm.is_model(args.model)):
         raise SystemExit(f'unknown model {args.model!r}; `flatten-timm models` lists the flatten models')
@@ -340,8 +340,7 @@ def _is_main() -> bool:
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s', datefmt='%H:%M:%S')
-    world_size_env = int(os.environ.get('WORLD_SIZE', 1))
-    check_args(args, world_size_env)
+    check_args(args)
     device, rank, world_size = init_distributed(args)
     if rank != 0:
         logging.getLogger().setLevel(logging.WARNING)

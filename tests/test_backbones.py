@@ -28,8 +28,9 @@ def test_features_at_224_match_intermediates_and_the_classifier_path(name):
     for h in hooks:
         h.remove()
     assert torch.isfinite(logits).all()
+    info = features.feature_info
     assert [tuple(f.shape[1:]) for f in maps] == [(c, 224 // r, 224 // r) for c, r in
-                                                 zip(features.feature_info.channels(), features.feature_info.reduction())]
+                                                 zip(info.channels(), info.reduction())]
     assert features.feature_info.reduction() == [4, 8, 16, 32]
     for f, i, s in zip(maps, intermediates, stage_outputs):
         s = s.permute(0, 3, 1, 2) if s.shape[1] != f.shape[1] else s  # Swin stages are NHWC

@@ -32,7 +32,7 @@ def resolve_stage_args(name: str, value, num_stages: int) -> tuple:
 
 def stage_drop_path_rates(drop_path_rate: float, depths: Sequence[int]):
     """Stochastic depth rising linearly over all blocks, split per stage."""
-    rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
+    rates = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()
     return [rates[sum(depths[:i]):sum(depths[:i + 1])] for i in range(len(depths))]
 
 

@@ -18,7 +18,7 @@ from timm.models._features import feature_take_indices
 from flatten_timm.layers import GridTableResizer, map_to_tokens, tokens_to_map
 
 __all__ = ['FlattenModel', 'PyramidStage', 'build_flatten_model', 'init_weights', 'resolve_stage_args',
-           'stage_drop_path_rates']
+           'stage_drop_path_rates', 'stage_reduction']
 
 
 def resolve_stage_args(name: str, value, num_stages: int) -> tuple:
@@ -28,6 +28,11 @@ def resolve_stage_args(name: str, value, num_stages: int) -> tuple:
             raise ValueError(f'{name} needs {num_stages} values, one per stage, got {value!r}')
         return tuple(value)
     return (value,) * num_stages
+
+
+def stage_reduction(index: int) -> int:
+    """Stride of stage `index` of the four-stage pyramid: 4, 8, 16, 32."""
+    return 4 * 2 ** index
 
 
 def stage_drop_path_rates(drop_path_rate: float, depths: Sequence[int]):
@@ -110,6 +115,12 @@ class FlattenModel(nn.Module):
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.global_pool = global_pool
+
+    def _init_stages(self, stages: List[nn.Module], embed_dims: Sequence[int]):
+        """The stages as `self.stages`, and their feature_info (stage i at stride stage_reduction(i))."""
+        self.stages = nn.Sequential(*stages)
+        self.feature_info = [dict(num_chs=dim, reduction=stage_reduction(i), module=f'stages.{i}')
+                             for i, dim in enumerate(embed_dims)]
 
     def _init_head(self, num_features: int, drop_rate: float, **dd):
         self.num_features = self.head_hidden_size = num_features

@@ -20,7 +20,9 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models.swin_transformer import window_partition, window_reverse
 
 from flatten_timm.layers import ConvEmbed, FocusedLinearAttention, map_to_tokens, tokens_to_map
-from ._base import FlattenModel, build_flatten_model, init_weights, PyramidStage, resolve_stage_args, stage_drop_path_rates
+from ._base import (
+    FlattenModel, build_flatten_model, init_weights,
+    PyramidStage, resolve_stage_args, stage_drop_path_rates, stage_reduction)
 from ._convert import fit_state_dict_to_model, rename_keys, unwrap_state_dict
 from .flatten_pvt import _cfg, _official
 
@@ -219,10 +221,9 @@ class FlattenCSWin(FlattenModel):
             in_chans, embed_dim, kernel_size=7, stride=4, padding=2, pad_to_stride=True, **dd)
 
         dpr = stage_drop_path_rates(drop_path_rate, depths)
-        self.feature_info = []
         stages = []
         for i in range(num_stages):
-            reduction = 4 * 2 ** i
+            reduction = stage_reduction(i)
             downsample = None if i == 0 else ConvEmbed(
                 embed_dims[i - 1], embed_dims[i], kernel_size=3, stride=2, padding=1, **dd)
             stages.append(PyramidStage(
@@ -245,8 +246,7 @@ class FlattenCSWin(FlattenModel):
                 attn_drop=attn_drop_rate,
                 **dd,
             ))
-            self.feature_info.append(dict(num_chs=embed_dims[i], reduction=reduction, module=f'stages.{i}'))
-        self.stages = nn.Sequential(*stages)
+        self._init_stages(stages, embed_dims)
 
         self.norm = LayerNorm2d(embed_dims[-1], eps=1e-5, **dd)
         self._init_head(embed_dims[-1], drop_rate, **dd)

@@ -18,7 +18,9 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models.pvt_v2 import MlpWithDepthwiseConv
 
 from flatten_timm.layers import FocusedLinearAttention, SpatialReductionAttention
-from ._base import FlattenModel, build_flatten_model, init_weights, PyramidStage, resolve_stage_args, stage_drop_path_rates
+from ._base import (
+    FlattenModel, build_flatten_model, init_weights,
+    PyramidStage, resolve_stage_args, stage_drop_path_rates, stage_reduction)
 from ._convert import fit_state_dict_to_model, fuse_qkv, rename_keys, unwrap_state_dict
 
 __all__ = ['FlattenPvt', 'FlattenPvtBlock']
@@ -135,10 +137,9 @@ class FlattenPvt(FlattenModel):
             flatten=False, output_fmt='NCHW', strict_img_size=False, dynamic_img_pad=True, **dd)
 
         dpr = stage_drop_path_rates(drop_path_rate, depths)
-        self.feature_info = []
         stages = []
         for i in range(num_stages):
-            reduction = 4 * 2 ** i
+            reduction = stage_reduction(i)
             downsample = None if i == 0 else PatchEmbed(
                 img_size=None, patch_size=2, in_chans=embed_dims[i - 1], embed_dim=embed_dims[i],
                 norm_layer=embed_norm, flatten=False, output_fmt='NCHW', strict_img_size=False,
@@ -164,8 +165,7 @@ class FlattenPvt(FlattenModel):
                 attn_drop=attn_drop_rate,
                 **dd,
             ))
-            self.feature_info.append(dict(num_chs=embed_dims[i], reduction=reduction, module=f'stages.{i}'))
-        self.stages = nn.Sequential(*stages)
+        self._init_stages(stages, embed_dims)
 
         # the released model pools the last stage without its final norm
         self.norm = nn.Identity()

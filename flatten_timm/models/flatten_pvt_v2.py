@@ -18,7 +18,9 @@ from timm.layers import to_2tuple
 from timm.models import generate_default_cfgs, register_model
 
 from flatten_timm.layers import ConvEmbed
-from ._base import FlattenModel, build_flatten_model, init_weights, PyramidStage, resolve_stage_args, stage_drop_path_rates
+from ._base import (
+    FlattenModel, build_flatten_model, init_weights,
+    PyramidStage, resolve_stage_args, stage_drop_path_rates, stage_reduction)
 from ._convert import fit_state_dict_to_model, unwrap_state_dict
 from .flatten_pvt import FlattenPvtBlock, _cfg, _official, convert_official_pvt
 
@@ -80,10 +82,9 @@ class FlattenPvtV2(FlattenModel):
         self.patch_embed = ConvEmbed(in_chans, embed_dims[0], kernel_size=7, stride=4, padding=3, **dd)
 
         dpr = stage_drop_path_rates(drop_path_rate, depths)
-        self.feature_info = []
         stages = []
         for i in range(num_stages):
-            reduction = 4 * 2 ** i
+            reduction = stage_reduction(i)
             downsample = None if i == 0 else ConvEmbed(
                 embed_dims[i - 1], embed_dims[i], kernel_size=3, stride=2, padding=1, **dd)
             stages.append(PyramidStage(
@@ -108,8 +109,7 @@ class FlattenPvtV2(FlattenModel):
                 attn_drop=attn_drop_rate,
                 **dd,
             ))
-            self.feature_info.append(dict(num_chs=embed_dims[i], reduction=reduction, module=f'stages.{i}'))
-        self.stages = nn.Sequential(*stages)
+        self._init_stages(stages, embed_dims)
 
         self.norm = nn.Identity()  # every stage ends in its own norm
         self._init_head(embed_dims[-1], drop_rate, **dd)

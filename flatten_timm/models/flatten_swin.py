@@ -21,7 +21,8 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models.swin_transformer import PatchMerging, window_partition, window_reverse
 
 from flatten_timm.layers import FocusedLinearAttention
-from ._base import FlattenModel, build_flatten_model, init_weights, resolve_stage_args, stage_drop_path_rates
+from ._base import (
+    FlattenModel, build_flatten_model, init_weights, resolve_stage_args, stage_drop_path_rates, stage_reduction)
 from ._convert import fit_state_dict_to_model, rename_keys, unwrap_state_dict
 from .flatten_pvt import _official
 
@@ -294,10 +295,9 @@ class FlattenSwin(FlattenModel):
             flatten=False, output_fmt='NHWC', strict_img_size=False, dynamic_img_pad=True, **dd)
 
         dpr = stage_drop_path_rates(drop_path_rate, depths)
-        self.feature_info = []
         stages = []
         for i in range(num_stages):
-            reduction = 4 * 2 ** i
+            reduction = stage_reduction(i)
             stages.append(FlattenSwinStage(
                 embed_dims[max(i - 1, 0)],
                 embed_dims[i],
@@ -317,8 +317,7 @@ class FlattenSwin(FlattenModel):
                 norm_layer=norm_layer,
                 **dd,
             ))
-            self.feature_info.append(dict(num_chs=embed_dims[i], reduction=reduction, module=f'stages.{i}'))
-        self.stages = nn.Sequential(*stages)
+        self._init_stages(stages, embed_dims)
 
         self.norm = norm_layer(embed_dims[-1], **dd)
         self._init_head(embed_dims[-1], drop_rate, **dd)

@@ -1,4 +1,10 @@
-from .focused_linear_attention import FocusedLinearAttention, FocusedLinearAttention2d, focusing_map, linear_attention
-from .grid_tokens import GridTableResizer, map_to_tokens, resample_grid_tokens, tokens_to_map
+from .attn_impl import ATTN_IMPLS, set_attn_impl
+from .focused_linear_attention import (
+    FocusedLinearAttention, FocusedLinearAttention2d, focused_linear_attention, focusing_map, linear_attention,
+    run_focused_linear_attention)
+from .grid_tokens import (
+    GridTableResizer, channels_last_to_tokens, map_to_tokens, resample_grid_tokens, tokens_to_channels_last,
+    tokens_to_map)
+from .softmax_attention import softmax_attention
 from .spatial_reduction import SpatialReduction, SpatialReductionAttention
 from .conv_embed import ConvEmbed

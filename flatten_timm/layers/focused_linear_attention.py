@@ -12,10 +12,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .grid_tokens import GridTableResizer, map_to_tokens, tokens_to_map
+from .grid_tokens import (
+    GridTableResizer, channels_last_to_tokens, map_to_tokens, tokens_to_channels_last, tokens_to_map)
+from .attn_impl import SELECTOR, resolve_attn_impl, selection_key, triton_available
 from .spatial_reduction import SpatialReduction
 
-__all__ = ['FocusedLinearAttention', 'FocusedLinearAttention2d', 'focusing_map', 'linear_attention']
+__all__ = ['FocusedLinearAttention', 'FocusedLinearAttention2d', 'focused_linear_attention', 'focusing_map',
+           'linear_attention', 'run_focused_linear_attention']
 
 
 def focusing_map(x: torch.Tensor, scale: torch.Tensor, focusing_factor: float) -> torch.Tensor:
@@ -54,6 +57,114 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_head
     return x.transpose(1, 2).reshape(B, N, C)
 
 
+def focused_linear_attention(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        floor: torch.Tensor,
+        focusing_factor: float,
+        num_heads: int,
+        residual: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Focused linear attention in few passes over memory, on (B, N, C) tokens of any strides.
+
+    q: (B, N, C) and k: (B, n, C) enter already shifted and divided by the kernel's scale,
+    q = (q_proj + 1e-6) / s, so that the kernel (relu(q_proj) + 1e-6) / s is max(q, floor) with
+    floor = 1e-6 / s of shape (C,): the module folds 1 / s and the shift into its projection.
+    v: (B, n, C). residual (B, N, C), added to the output (the depthwise conv of V).
+    Returns (B, N, C) in v's dtype, equal to `linear_attention(focusing_map(.), focusing_map(.), v)`:
+    - phi(q_i) = c_i * t_i**p with a per-token c_i = ||t_i|| / ||t_i**p|| that cancels between numerator
+      and normaliser, so the queries are never rescaled: only the normaliser's 1e-6 becomes 1e-6 / c_i;
+    - the normaliser phi(q) . mean(phi(k)) is one more column of the matmul that gives the numerator.
+    """
+    B, N, C = q.shape
+    n = k.shape[1]
+    d = C // num_heads
+    compute = torch.promote_types(q.dtype, torch.float32)
+    floor = floor.to(compute)
+    # without autograd, powers and scalings overwrite their input: fewer allocations, fewer page faults
+    in_place = not torch.is_grad_enabled()
+
+    def powered(x):  # the kernel t, t**p, and the L2 norms over C of both
+        t = torch.maximum(x.to(compute), floor)
+        t_norm = torch.linalg.vector_norm(t, dim=-1, keepdim=True)
+        t_pow = t.pow_(focusing_factor) if in_place else t ** focusing_factor
+        return t_norm, t_pow, torch.linalg.vector_norm(t_pow, dim=-1, keepdim=True)
+
+    q_norm, q_pow, q_pow_norm = powered(q)
+    k_norm, k_pow, k_pow_norm = powered(k)
+    # phi(k) / n: the 1 / n of k^T v / n rides in the per-token norm ratio (and keeps fp16 in range)
+    k_ratio = k_norm / (k_pow_norm * n)
+    k_phi = (k_pow.mul_(k_ratio) if in_place else k_pow * k_ratio).to(v.dtype)
+    if v.dtype in (torch.float16, torch.bfloat16):
+        # unit-norm queries stay inside the fp16 range (an all-negative query maps to ~1e-6)
+        q_pow, eps = q_pow / q_pow_norm, 1e-6 / q_norm
+    else:
+        eps = 1e-6 * q_pow_norm / q_norm
+    q_pow = q_pow.to(v.dtype)
+    heads = []
+    # one head at a time on strided column slices: matmuls read them in place, no per-head copies
+    for i in range(num_heads):
+        cols = slice(i * d, (i + 1) * d)
+        k_i = k_phi[..., cols]
+        # [k^T v / n | mean(k)]: the normaliser is one more column of the numerator's matmul
+        kv = torch.cat([torch.bmm(k_i.transpose(1, 2), v[..., cols]), k_i.sum(dim=1).unsqueeze(-1)], dim=-1)
+        out = torch.bmm(q_pow[..., cols] if num_heads > 1 else q_pow, kv)
+        numerator, normaliser = out[..., :d], out[..., d:] + eps
+        heads.append(numerator / normaliser if residual is None else
+                     torch.addcdiv(residual[..., cols], numerator, normaliser))
+    out = heads[0] if num_heads == 1 else torch.cat(heads, dim=-1)
+    return out.to(v.dtype)
+
+
+def run_focused_linear_attention(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        floor: torch.Tensor,
+        focusing_factor: float,
+        num_heads: int,
+        residual: Optional[torch.Tensor] = None,
+        attn_impl: str = 'auto',
+) -> torch.Tensor:
+    """`focused_linear_attention` by the implementation `attn_impl` selects ('auto', 'torch' or 'triton')."""
+    def torch_ops():
+        return focused_linear_attention(q, k, v, floor, focusing_factor, num_heads, residual)
+
+    if attn_impl == 'torch' or (attn_impl == 'auto' and (
+            q.device.type != 'cuda' or torch.compiler.is_compiling() or not triton_available(q.device))):
+        return torch_ops()
+
+    def fused_kernels():
+        if not triton_available(q.device):
+            raise RuntimeError(f'Triton is not installed or does not run on {q.device.type} '
+                               f'(on a CPU it needs TRITON_INTERPRET=1)')
+        from .fla_triton import triton_focused_linear_attention
+        return triton_focused_linear_attention(q, k, v, floor, focusing_factor, num_heads, residual)
+
+    candidates = {'torch': torch_ops, 'triton': fused_kernels}
+    if attn_impl == 'triton':
+        return SELECTOR.call('triton', candidates)
+    return SELECTOR.run(selection_key(q, k, v, residual, extra=(focusing_factor, num_heads)), candidates)
+
+
+_KERNEL_SHIFT = 1e-6  # the kernel is (relu(x) + 1e-6) / s
+
+
+def _kernel_projection(linear: nn.Linear, x: torch.Tensor, inv_scale: torch.Tensor, num_kernel_parts: int):
+    """linear(x) whose first num_kernel_parts C-wide outputs (q and/or k) come shifted and divided by the scale.
+
+    (W x + b + 1e-6) / s is one matmul with the rows of W and b scaled: no pass over the tokens is added.
+    """
+    C = inv_scale.shape[0]
+    rest = linear.out_features - num_kernel_parts * C
+    row_scale = torch.cat([inv_scale.repeat(num_kernel_parts), inv_scale.new_ones(rest)])
+    bias = torch.cat([(inv_scale * _KERNEL_SHIFT).repeat(num_kernel_parts), inv_scale.new_zeros(rest)])
+    if linear.bias is not None:
+        bias = bias + linear.bias * row_scale
+    return F.linear(x, linear.weight * row_scale.unsqueeze(-1), bias)
+
+
 class FocusedLinearAttention(nn.Module):
     """ Focused linear attention over tokens on an H x W grid, (B, H*W, C) -> (B, H*W, C).
 
@@ -67,6 +178,8 @@ class FocusedLinearAttention(nn.Module):
         focusing_factor: the power p of the focusing function (3 in the released models).
         kernel_size: kernel of the rank-restoring depthwise conv on V (5 in the released models).
         proj_drop: dropout after the output projection.
+        attn_impl: 'auto' (the faster of torch ops and the fused Triton kernels, timed once per shape on CUDA),
+            'torch', 'triton', or 'reference' (the spec's order of operations); FLATTEN_ATTN_IMPL overrides.
     """
 
     def __init__(
@@ -80,6 +193,7 @@ class FocusedLinearAttention(nn.Module):
             focusing_factor: float = 3,
             kernel_size: int = 5,
             proj_drop: float = 0.,
+            attn_impl: str = 'auto',
             device=None,
             dtype=None,
     ):
@@ -113,6 +227,8 @@ class FocusedLinearAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
         self._resize_pe = GridTableResizer(self.key_grid_size)
+        resolve_attn_impl(attn_impl, env_override='')  # fail early on a typo
+        self.attn_impl = attn_impl
 
     def extra_repr(self) -> str:
         return (f'dim={self.dim}, num_heads={self.num_heads}, focusing_factor={self.focusing_factor}, '
@@ -132,20 +248,21 @@ class FocusedLinearAttention(nn.Module):
         k, v = self.kv(x).chunk(2, dim=-1)
         return q, k, v, key_size
 
-    def restore_rank(self, v: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
-        """Depthwise conv of V on the query grid, all heads at once (the kernel repeats per head)."""
+    def local_mixing(self, v: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
+        """The rank-restoring depthwise conv of V on the query grid, all heads at once: (B, n, C) -> (B, H*W, C).
+
+        Families that add more local terms of V (CSWin's LePE) extend this.
+        """
         B, n, C = v.shape
         H, W = feat_size
-        v = v.transpose(1, 2)
         if n != H * W:
             # keys were reduced: stretch V back to N tokens along the flattened token axis (as released)
-            v = F.interpolate(v, size=H * W, mode='linear')
-        v = v.reshape(B, C, H, W)
-        weight = self.dwc.weight.repeat(self.num_heads, 1, 1, 1)
+            v = F.interpolate(v.transpose(1, 2), size=H * W, mode='linear').transpose(1, 2)
+        weight = self.dwc.weight.repeat(self.num_heads, 1, 1, 1)  # one kernel shared by all heads
         bias = self.dwc.bias.repeat(self.num_heads) if self.dwc.bias is not None else None
-        out = F.conv2d(v, weight.to(v.dtype), bias.to(v.dtype) if bias is not None else None,
-                       padding=self.dwc.padding, groups=C)
-        return map_to_tokens(out)
+        out = F.conv2d(tokens_to_channels_last(v, feat_size), weight.to(v.dtype),
+                       bias.to(v.dtype) if bias is not None else None, padding=self.dwc.padding, groups=C)
+        return channels_last_to_tokens(out)
 
     def attend(
             self,
@@ -155,17 +272,33 @@ class FocusedLinearAttention(nn.Module):
             feat_size: Tuple[int, int],
             key_size: Tuple[int, int],
     ) -> torch.Tensor:
-        """The focused linear attention of projected q (B, N, C), k, v (B, n, C), before the output projection."""
+        """Reference path: the spec's order of operations on (B, N, C) q and (B, n, C) k, v, before `proj`."""
         k = k + self.key_positional_encoding(key_size).to(k.dtype)
         scale = F.softplus(self.scale)
         q = focusing_map(q, scale, self.focusing_factor)
         k = focusing_map(k, scale, self.focusing_factor)
         x = linear_attention(q, k, v, self.num_heads)
-        return x + self.restore_rank(v, feat_size)
+        return x + self.local_mixing(v, feat_size)
 
     def forward(self, x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
-        q, k, v, key_size = self.project(x, feat_size)
-        x = self.attend(q, k, v, feat_size, key_size)
+        impl = resolve_attn_impl(self.attn_impl)
+        if impl == 'reference':
+            q, k, v, key_size = self.project(x, feat_size)
+            return self.proj_drop(self.proj(self.attend(q, k, v, feat_size, key_size)))
+        # the kernel's 1 / s and its 1e-6 shift ride in the q and k projections (the matmuls' own bias add),
+        # so the focusing map starts with one max() instead of relu, add and divide
+        inv_scale = 1 / F.softplus(self.scale.reshape(-1))
+        if self.qkv is not None:
+            q, k, v = _kernel_projection(self.qkv, x, inv_scale, 2).chunk(3, dim=-1)
+            key_size = feat_size
+        else:
+            q = _kernel_projection(self.q, x, inv_scale, 1)
+            x, key_size = self.sr(x, feat_size)
+            k, v = _kernel_projection(self.kv, x, inv_scale, 1).chunk(2, dim=-1)
+        k = k + (self.key_positional_encoding(key_size) * inv_scale).to(k.dtype)
+        x = run_focused_linear_attention(
+            q, k, v, inv_scale * _KERNEL_SHIFT, self.focusing_factor, self.num_heads,
+            residual=self.local_mixing(v, feat_size), attn_impl=impl)
         return self.proj_drop(self.proj(x))
 
 
@@ -182,7 +315,7 @@ class FocusedLinearAttention2d(FocusedLinearAttention):
         num_heads: attention heads (dim must divide by it).
         grid_size: the map size the positional encoding is learned at.
         sr_ratio: keys/values from a strided conv of this ratio (1: none); maps must be at least this large.
-        focusing_factor, kernel_size, qkv_bias, proj_drop: as FocusedLinearAttention.
+        focusing_factor, kernel_size, qkv_bias, proj_drop, attn_impl: as FocusedLinearAttention.
     """
 
     def __init__(
@@ -195,13 +328,15 @@ class FocusedLinearAttention2d(FocusedLinearAttention):
             kernel_size: int = 5,
             qkv_bias: bool = True,
             proj_drop: float = 0.,
+            attn_impl: str = 'auto',
             device=None,
             dtype=None,
     ):
         grid_size = (grid_size, grid_size) if isinstance(grid_size, int) else tuple(grid_size)
         super().__init__(
             dim, num_heads=num_heads, grid_size=grid_size, qkv_bias=qkv_bias, sr_ratio=sr_ratio,
-            focusing_factor=focusing_factor, kernel_size=kernel_size, proj_drop=proj_drop, device=device, dtype=dtype)
+            focusing_factor=focusing_factor, kernel_size=kernel_size, proj_drop=proj_drop, attn_impl=attn_impl,
+            device=device, dtype=dtype)
         self.sr_ratio = sr_ratio
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['tokens_to_map', 'map_to_tokens', 'resample_grid_tokens', 'GridTableResizer']
+__all__ = ['tokens_to_map', 'map_to_tokens', 'tokens_to_channels_last', 'channels_last_to_tokens',
+           'resample_grid_tokens', 'GridTableResizer']
 
 
 def tokens_to_map(x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
@@ -17,6 +18,23 @@ def tokens_to_map(x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
 def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) map -> (B, H*W, C) tokens."""
     return x.flatten(2).transpose(1, 2)
+
+
+def tokens_to_channels_last(x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
+    """(B, H*W, C) tokens of any strides -> (B, C, H, W) map in channels_last memory, the tokens' own order.
+
+    Copies only rows of C channels (never a transpose), and convs return channels_last maps that
+    `channels_last_to_tokens` turns back into tokens for free.
+    """
+    B, N, C = x.shape
+    return x.reshape(B, feat_size[0], feat_size[1], C).permute(0, 3, 1, 2).contiguous(
+        memory_format=torch.channels_last)
+
+
+def channels_last_to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) map -> (B, H*W, C) tokens; a view when the map is channels_last."""
+    B, C, H, W = x.shape
+    return x.permute(0, 2, 3, 1).reshape(B, H * W, C)
 
 
 def resample_grid_tokens(tokens: torch.Tensor, src_size: Tuple[int, int], dst_size: Tuple[int, int]) -> torch.Tensor:

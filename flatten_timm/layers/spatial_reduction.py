@@ -8,10 +8,10 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import use_fused_attn
 
 from .grid_tokens import map_to_tokens, tokens_to_map
+from .softmax_attention import softmax_attention
 
 __all__ = ['SpatialReduction', 'SpatialReductionAttention']
 
@@ -70,7 +70,6 @@ class SpatialReductionAttention(nn.Module):
             raise ValueError(f'dim {dim} must be divisible by num_heads {num_heads}')
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5
         self.fused_attn = use_fused_attn()
         self.q = nn.Linear(dim, dim, bias=qkv_bias, **dd)
         self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias, **dd)
@@ -85,10 +84,6 @@ class SpatialReductionAttention(nn.Module):
         if self.sr is not None:
             x, _ = self.sr(x, feat_size)
         k, v = self.kv(x).reshape(B, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        if self.fused_attn:
-            x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.)
-        else:
-            attn = (q * self.scale) @ k.transpose(-2, -1)
-            x = self.attn_drop(attn.softmax(dim=-1)) @ v
+        x = softmax_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0., fused=self.fused_attn)
         x = x.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(x))

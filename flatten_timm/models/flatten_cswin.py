@@ -19,7 +19,8 @@ from timm.layers import DropPath, LayerNorm2d, Mlp, to_2tuple, use_fused_attn
 from timm.models import generate_default_cfgs, register_model
 from timm.models.swin_transformer import window_partition, window_reverse
 
-from flatten_timm.layers import ConvEmbed, FocusedLinearAttention, map_to_tokens, tokens_to_map
+from flatten_timm.layers import (
+    ConvEmbed, FocusedLinearAttention, channels_last_to_tokens, softmax_attention, tokens_to_channels_last)
 from ._base import (
     FlattenModel, build_flatten_model, init_weights,
     PyramidStage, resolve_stage_args, stage_drop_path_rates, stage_reduction)
@@ -43,11 +44,9 @@ class LePEFocusedLinearAttention(FocusedLinearAttention):
         super().__init__(dim, num_heads, grid_size=grid_size, device=device, dtype=dtype, **kwargs)
         self.lepe = _lepe_conv(dim, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, feat_size: Size) -> torch.Tensor:
-        q, k, v, key_size = self.project(x, feat_size)
-        x = self.attend(q, k, v, feat_size, key_size)
-        x = x + map_to_tokens(self.lepe(tokens_to_map(v, feat_size)))
-        return self.proj_drop(self.proj(x))
+    def local_mixing(self, v: torch.Tensor, feat_size: Size) -> torch.Tensor:
+        lepe = channels_last_to_tokens(self.lepe(tokens_to_channels_last(v, feat_size)))
+        return super().local_mixing(v, feat_size) + lepe
 
 
 class CrossStripeAttention(nn.Module):
@@ -106,11 +105,7 @@ class CrossStripeAttention(nn.Module):
         v_lepe = lepe(v_windows.permute(0, 3, 1, 2)).reshape(-1, num_heads, C // num_heads, n).transpose(-2, -1)
         q, k = to_heads(q), to_heads(k)
         v = v_windows.reshape(-1, n, num_heads, C // num_heads).transpose(1, 2)
-        if self.fused_attn:
-            x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.)
-        else:
-            attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
-            x = self.attn_drop(attn.softmax(dim=-1)) @ v
+        x = softmax_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0., fused=self.fused_attn)
         x = (x + v_lepe).transpose(1, 2).reshape(-1, stripe[0], stripe[1], C)
         return window_reverse(x, stripe, Hp, Wp)[:, :H, :W]
 

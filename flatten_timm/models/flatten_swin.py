@@ -20,7 +20,7 @@ from timm.layers import DropPath, Mlp, PatchEmbed, to_2tuple, trunc_normal_, use
 from timm.models import generate_default_cfgs, register_model
 from timm.models.swin_transformer import PatchMerging, window_partition, window_reverse
 
-from flatten_timm.layers import FocusedLinearAttention
+from flatten_timm.layers import FocusedLinearAttention, softmax_attention
 from ._base import (
     FlattenModel, build_flatten_model, init_weights, resolve_stage_args, stage_drop_path_rates, stage_reduction)
 from ._convert import fit_state_dict_to_model, rename_keys, unwrap_state_dict
@@ -74,7 +74,6 @@ class WindowAttention(nn.Module):
         dd = {'device': device, 'dtype': dtype}
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5
         self.window_size = to_2tuple(window_size)
         self.fused_attn = use_fused_attn()
         num_offsets = (2 * self.window_size[0] - 1) * (2 * self.window_size[1] - 1)
@@ -108,13 +107,8 @@ class WindowAttention(nn.Module):
             num_win = mask.shape[0]
             bias = (bias.unsqueeze(1) + mask.unsqueeze(1).unsqueeze(0)).expand(B_ // num_win, -1, -1, -1, -1)
             bias = bias.reshape(B_, self.num_heads, N, N)
-        bias = bias.to(q.dtype)
-        if self.fused_attn:
-            x = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=bias, dropout_p=self.attn_drop.p if self.training else 0.)
-        else:
-            attn = ((q * self.scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1)
-            x = self.attn_drop(attn) @ v
+        x = softmax_attention(
+            q, k, v, bias.to(q.dtype), dropout_p=self.attn_drop.p if self.training else 0., fused=self.fused_attn)
         x = x.transpose(1, 2).reshape(B_, N, C)
         return self.proj_drop(self.proj(x))
 
@@ -178,6 +172,8 @@ class FlattenSwinBlock(nn.Module):
     def _attn(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
         window, shift = self.window_and_shift((H, W))
+        if window == (H, W):  # one window over the whole map (linear stages at the training size): no copies
+            return self.attn(x.reshape(B, H * W, C), window).reshape(B, H, W, C)
         has_shift = any(shift)
         if has_shift:
             x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))

@@ -2,10 +2,15 @@ import json
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# Without a GPU the Triton kernels are tested under Triton's CPU interpreter, which has to be chosen before
+# torch first imports triton (its library functions are compiled or interpreted from then on)
+if 'TRITON_INTERPRET' not in os.environ and not Path('/dev/nvidiactl').exists():
+    os.environ['TRITON_INTERPRET'] = '1'
 
-import flatten_timm  # noqa: F401  registers the models
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import flatten_timm  # noqa: F401,E402  registers the models
 
 REPO = Path(__file__).resolve().parents[1]
 PARITY_DIR = Path(os.environ.get('FLATTEN_PARITY_DIR', REPO.parent / 'shared' / 'parity'))

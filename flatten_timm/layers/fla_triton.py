@@ -56,8 +56,9 @@ def _kernel_stats(x_ptr, floor_ptr, norm_ptr, inv_pow_norm_ptr, rows, N, C, stri
     mask = r_mask[:, None] & c_mask[None, :]
     x = tl.load(x_ptr + ((r // N) * stride_b + (r % N) * stride_n)[:, None] + c[None, :], mask=mask, other=1.)
     floor = tl.load(floor_ptr + c, mask=c_mask, other=1.)
-    t = tl.where(mask, tl.maximum(x.to(tl.float32), floor[None, :]), 0.)
-    t_pow = _power(t, P)
+    t = tl.maximum(x.to(tl.float32), floor[None, :])  # 1 outside the masks: no log of 0
+    t_pow = tl.where(mask, _power(t, P), 0.)
+    t = tl.where(mask, t, 0.)
     tl.store(norm_ptr + r, tl.sqrt(tl.sum(t * t, axis=1)), mask=r_mask)
     pow_norm = tl.sqrt(tl.where(r_mask, tl.sum(t_pow * t_pow, axis=1), 1.))
     tl.store(inv_pow_norm_ptr + r, 1 / pow_norm, mask=r_mask)
@@ -224,8 +225,8 @@ def _kernel_bwd(x_ptr, floor_ptr, norm_ptr, inv_pow_norm_ptr, dy_ptr, dden_ptr, 
     x = tl.load(x_ptr + ((r // N) * stride_b + (r % N) * stride_n)[:, None] + c[None, :], mask=mask, other=1.)
     x = x.to(tl.float32)
     floor = tl.load(floor_ptr + c, mask=c_mask, other=1.)
-    t = tl.where(mask, tl.maximum(x, floor[None, :]), 0.)
-    t_pow = _power(t, P)
+    t = tl.maximum(x, floor[None, :])  # 1 outside the masks: no log of 0
+    t_pow = tl.where(mask, _power(t, P), 0.)
     norm = tl.load(norm_ptr + r, mask=r_mask, other=1.)
     a = tl.load(inv_pow_norm_ptr + r, mask=r_mask, other=0.)
     dy = tl.load(dy_ptr + r[:, None] * C + c[None, :], mask=mask, other=0.)

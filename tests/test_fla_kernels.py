@@ -1,0 +1,203 @@
+""" The implementations of focused linear attention against the spec's reference, and their selection.
+
+The fused Triton kernels run here on the CPU under TRITON_INTERPRET=1 (conftest.py sets it when there is
+no GPU; tiny shapes) and on CUDA when there is one; references are computed in float64 by the
+step-by-step functions of the spec. Every test here turns warnings into errors, so a kernel that fell
+back to torch ops fails instead of passing on the torch result.
+"""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flatten_timm.layers import FocusedLinearAttention, focusing_map, linear_attention, set_attn_impl
+from flatten_timm.layers import attn_impl as attn_impl_module
+from flatten_timm.layers.attn_impl import ImplSelector, resolve_attn_impl, triton_available
+from flatten_timm.layers.focused_linear_attention import focused_linear_attention, run_focused_linear_attention
+
+pytestmark = pytest.mark.filterwarnings('error::RuntimeWarning')
+
+DEVICE = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+needs_triton = pytest.mark.skipif(not triton_available(DEVICE), reason='Triton is not installed')
+
+
+def spec_attention(q, k, v, floor, p, num_heads, residual):
+    """The spec's steps in float64: relu kernel / s with its 1e-6, focusing over C, per-head normaliser."""
+    scale = 1e-6 / floor.double()  # floor = 1e-6 / s
+    q_raw = q.double() * scale - 1e-6  # q = (q_proj + 1e-6) / s  ->  q_proj
+    k_raw = k.double() * scale - 1e-6
+    out = linear_attention(focusing_map(q_raw, scale, p), focusing_map(k_raw, scale, p), v.double(), num_heads)
+    return out + residual.double()
+
+
+def make_inputs(B, N, n, C, dtype, seed, requires_grad=True):
+    g = torch.Generator().manual_seed(seed)
+    scale = F.softplus(torch.randn(C, generator=g) * 0.5)
+    floor = (1e-6 / scale).to(DEVICE)
+    # q and k as chunks of one fused projection, as the models pass them (token stride 3C)
+    qkv = torch.randn(B, N, 3 * C, generator=g)
+    q = qkv[..., :C]
+    k = torch.randn(B, n, 2 * C, generator=g)[..., :C] if n != N else qkv[..., C:2 * C]
+    v = torch.randn(B, n, C, generator=g)
+    residual = torch.randn(B, N, C, generator=g)
+    tensors = [t.to(DEVICE, dtype) for t in (q, k, v, residual)]
+    if requires_grad:
+        tensors = [t.detach().requires_grad_() for t in tensors]
+        floor.requires_grad_()
+    return (*tensors, floor)
+
+
+def relative_error(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+# (batch, queries, keys, channels, heads): odd sizes, head dims 8 / 16 / 24 / 32, reduced keys
+SHAPES = [(2, 37, 37, 32, 2), (1, 50, 13, 48, 2), (2, 29, 29, 72, 3), (1, 66, 66, 32, 4), (2, 17, 5, 16, 1)]
+
+
+@pytest.mark.parametrize('impl', ['torch', pytest.param('triton', marks=needs_triton)])
+@pytest.mark.parametrize('dtype,tol', [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize('shape', SHAPES)
+def test_outputs_and_gradients_match_the_spec(impl, dtype, tol, shape):
+    q, k, v, residual, floor = make_inputs(*shape[:4], dtype=dtype, seed=sum(shape))
+    heads = shape[4]
+    out = run_focused_linear_attention(q, k, v, floor, 3, heads, residual, attn_impl=impl)
+    assert out.dtype == dtype and out.shape == q.shape
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v, residual, floor), grad)
+
+    ref_inputs = [t.detach().double().requires_grad_() for t in (q, k, v, residual, floor)]
+    ref = spec_attention(*ref_inputs[:3], ref_inputs[4], 3, heads, ref_inputs[3])
+    ref_grads = torch.autograd.grad(ref, ref_inputs, grad.double())
+    assert relative_error(out, ref) < tol
+    for name, g, r in zip(('q', 'k', 'v', 'residual', 'floor'), grads, ref_grads):
+        assert torch.isfinite(g).all(), name
+        # the floor's gradient (~1e-7) sums near-cancelling terms over every token: float32 keeps ~3 digits
+        assert relative_error(g, r) < (max(tol * 5, 3e-3) if name == 'floor' else tol * 5), name
+
+
+@pytest.mark.parametrize('impl', ['torch', pytest.param('triton', marks=needs_triton)])
+def test_focusing_factor_other_than_three(impl):
+    q, k, v, residual, floor = make_inputs(1, 24, 24, 32, torch.float32, seed=3)
+    out = run_focused_linear_attention(q, k, v, floor, 2.5, 2, residual, attn_impl=impl)
+    ref = spec_attention(q, k, v, floor, 2.5, 2, residual)
+    assert relative_error(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize('impl', ['torch', pytest.param('triton', marks=needs_triton)])
+def test_fp16_survives_all_negative_queries(impl):
+    q, k, v, residual, floor = make_inputs(1, 40, 40, 32, torch.float16, seed=5, requires_grad=False)
+    q = -q.abs() - 1  # every query maps to the kernel's floor
+    out = run_focused_linear_attention(q, k, v, floor, 3, 2, residual, attn_impl=impl)
+    assert torch.isfinite(out).all()
+    assert relative_error(out, spec_attention(q, k, v, floor, 3, 2, residual)) < 1e-2
+
+
+def test_without_autograd_the_in_place_path_gives_the_same_result():
+    q, k, v, residual, floor = make_inputs(2, 30, 30, 32, torch.float32, seed=7, requires_grad=False)
+    with torch.no_grad():
+        fast = focused_linear_attention(q, k, v, floor, 3, 2, residual)
+    with torch.enable_grad():
+        graph = focused_linear_attention(q, k, v, floor, 3, 2, residual)
+    torch.testing.assert_close(fast, graph, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('impl', ['torch', pytest.param('triton', marks=needs_triton)])
+def test_module_paths_agree_with_the_reference_path(impl):
+    torch.manual_seed(0)
+    attn = FocusedLinearAttention(48, num_heads=3, grid_size=(5, 7), sr_ratio=2).to(DEVICE)
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    x = torch.randn(2, 35, 48, device=DEVICE, requires_grad=True)
+    outs, grads = {}, {}
+    for name in ('reference', impl):
+        attn.attn_impl = name
+        outs[name] = attn(x, (5, 7))
+        grads[name] = torch.autograd.grad(outs[name].sum(), [x, attn.scale, attn.positional_encoding])
+    torch.testing.assert_close(outs[impl], outs['reference'], rtol=1e-4, atol=1e-4)
+    for g, r in zip(grads[impl], grads['reference']):
+        torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-4)
+
+
+def test_unknown_implementation_is_a_clear_error():
+    with pytest.raises(ValueError, match="attn_impl='fast'.*auto, torch, triton, reference"):
+        FocusedLinearAttention(16, 2, attn_impl='fast')
+    with pytest.raises(ValueError, match='FLATTEN_ATTN_IMPL'):
+        resolve_attn_impl('auto', env_override='tritno')
+    assert resolve_attn_impl('auto', env_override='torch') == 'torch'  # the variable wins
+
+
+def test_set_attn_impl_reaches_every_layer():
+    import timm
+    from test_models import TINY
+    model = timm.create_model('flatten_swin_tiny_patch4_224', **TINY['flatten_swin_tiny_patch4_224'])
+    set_attn_impl(model, 'reference')
+    layers = [m for m in model.modules() if isinstance(m, FocusedLinearAttention)]
+    assert layers and all(m.attn_impl == 'reference' for m in layers)
+
+
+class FakeTimer:
+    """Times by name: the candidates report fixed durations, and every timing is recorded."""
+
+    def __init__(self, durations):
+        self.durations, self.calls = durations, []
+
+    def __call__(self, fn):
+        name = fn.__name__
+        self.calls.append(name)
+        fn()
+        return self.durations[name]
+
+
+def candidates(log):
+    def torch_ops():
+        log.append('torch_ops')
+        return torch.zeros(1)
+
+    def fused_kernels():
+        log.append('fused_kernels')
+        return torch.ones(1)
+
+    return {'torch': torch_ops, 'triton': fused_kernels}
+
+
+def test_auto_selection_picks_the_faster_and_caches_per_shape():
+    timer = FakeTimer({'torch_ops': 2.0, 'fused_kernels': 1.0})
+    selector = ImplSelector(timer)
+    log = []
+    assert selector.run(('shape a',), candidates(log)).item() == 1  # the faster one's result
+    assert timer.calls == ['torch_ops', 'fused_kernels']
+    log.clear()
+    assert selector.run(('shape a',), candidates(log)).item() == 1
+    assert timer.calls == ['torch_ops', 'fused_kernels'] and log == ['fused_kernels']  # cached: no timing
+    timer.durations = {'torch_ops': 1.0, 'fused_kernels': 3.0}
+    assert selector.run(('shape b',), candidates(log)).item() == 0  # a new key is timed on its own
+    assert selector.choices == {('shape a',): 'triton', ('shape b',): 'torch'}
+
+
+def test_auto_selection_falls_back_once_on_a_kernel_that_does_not_compile():
+    def broken():
+        raise RuntimeError('PassManager::run failed')
+
+    broken.__name__ = 'fused_kernels'
+    timer = FakeTimer({'torch_ops': 5.0, 'fused_kernels': 1.0})
+    selector = ImplSelector(timer)
+    log = []
+    cands = dict(candidates(log), triton=broken)
+    with pytest.warns(RuntimeWarning, match="'triton' implementation failed.*PassManager"):
+        assert selector.run(('k',), cands).item() == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # one warning only
+        assert selector.run(('other',), cands).item() == 0
+        assert selector.call('triton', cands).item() == 0  # forced, it falls back too
+    assert selector.choices == {('k',): 'torch', ('other',): 'torch'}
+
+
+def test_auto_is_torch_on_cpu_without_timing(monkeypatch):
+    monkeypatch.setattr(attn_impl_module.SELECTOR, 'timer', lambda fn: pytest.fail('timed on CPU'))
+    q, k, v, residual, floor = make_inputs(1, 10, 10, 16, torch.float32, seed=1, requires_grad=False)
+    if DEVICE.type == 'cpu':
+        out = run_focused_linear_attention(q, k, v, floor, 3, 1, residual, attn_impl='auto')
+        torch.testing.assert_close(out, focused_linear_attention(q, k, v, floor, 3, 1, residual))

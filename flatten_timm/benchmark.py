@@ -17,7 +17,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import timm
 import torch
@@ -27,8 +27,8 @@ from .zoo import count_params_and_gmacs
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ['SOFTMAX_PEERS', 'BenchResult', 'benchmark', 'load_official_model', 'format_table', 'write_json',
-           'write_plot']
+__all__ = ['SOFTMAX_PEERS', 'BenchResult', 'benchmark', 'load_official_model', 'format_table', 'parse_img_size',
+           'time_steps', 'write_json', 'write_plot']
 
 # timm softmax-attention model of about the same size (timm has no PVT v1 nor CSWin)
 SOFTMAX_PEERS = {
@@ -66,7 +66,7 @@ class BenchResult:
     model: str
     kind: str  # 'flatten', 'softmax peer' or 'official'
     flatten_model: str  # the flatten model this row is compared with
-    img_size: int
+    img_size: str  # '224', or 'HxW' when not square
     batch_size: int
     dtype: str
     mode: str
@@ -76,6 +76,7 @@ class BenchResult:
     ms_per_batch: float
     peak_mib: Optional[float]
     ratio_vs_flatten: Optional[float] = None
+    features_only: bool = False
     extra: Dict = field(default_factory=dict)
 
 
@@ -105,11 +106,35 @@ def load_official_model(name: str, official_repo: str, img_size: int) -> nn.Modu
         return getattr(module, factory)(**kwargs)
 
 
-def _build(model_name: str, kind: str, img_size: int, official_repo: Optional[str]) -> nn.Module:
+Size = Tuple[int, int]
+
+
+def parse_img_size(value) -> Size:
+    """224 -> (224, 224); '800x1344' -> (800, 1344) (height x width)."""
+    if isinstance(value, (tuple, list)):
+        return int(value[0]), int(value[1])
+    text = str(value).lower()
+    try:
+        h, w = text.split('x') if 'x' in text else (text, text)
+        size = int(h), int(w)
+    except ValueError:
+        raise ValueError(f'image size {value!r}: give one number (224) or HEIGHTxWIDTH (800x1344)') from None
+    if min(size) < 1:
+        raise ValueError(f'image size {value!r} must be positive')
+    return size
+
+
+def size_label(size: Size) -> str:
+    return str(size[0]) if size[0] == size[1] else f'{size[0]}x{size[1]}'
+
+
+def _build(model_name: str, kind: str, img_size: Size, official_repo: Optional[str], features_only: bool
+           ) -> nn.Module:
     if kind == 'official':
-        return load_official_model(model_name, official_repo, img_size)
-    # timm's Swin fixes its window layout at construction; flatten models take any size
-    kwargs = {'img_size': img_size} if kind == 'softmax peer' and 'swin' in model_name else {}
+        return load_official_model(model_name, official_repo, img_size[0])
+    kwargs = {'features_only': True} if features_only else {}
+    if kind == 'softmax peer' and 'swin' in model_name:
+        kwargs['img_size'] = img_size  # timm's Swin fixes its window layout at construction
     return timm.create_model(model_name, **kwargs)
 
 
@@ -118,84 +143,114 @@ def _sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def time_model(model: nn.Module, img_size: int, batch_size: int, dtype: str, mode: str, device: torch.device,
-               warmup: int = 3, repeats: int = 10) -> Dict[str, Optional[float]]:
-    """Median seconds per batch and peak memory (MiB, CUDA only) of inference or a training step."""
+def _make_step(model: nn.Module, img_size: Size, batch_size: int, dtype: str, mode: str, device: torch.device):
+    """One inference batch or training step of `model` as a closure (compiled in 'compile' mode)."""
     amp = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(dtype)
-    x = torch.randn(batch_size, 3, img_size, img_size, device=device)
+    x = torch.randn(batch_size, 3, *img_size, device=device)
     model = model.to(device)
     if mode == 'compile':
         model = torch.compile(model)
     train = mode == 'train'
     model.train(train)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-6) if train else None
-    amp_ctx = (lambda: torch.autocast(device.type, dtype=amp)) if amp else torch.no_grad
+
+    def loss_of(out):  # a classifier's logits, or the feature maps of features_only
+        outs = out if isinstance(out, (list, tuple)) else [out]
+        return sum(o.float().mean() for o in outs)
 
     def step():
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            if train:
+                loss = loss_of(model(x))
+            else:
+                with torch.no_grad():
+                    model(x)
         if train:
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                loss = model(x).float().mean()
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def time_steps(steps: Sequence[Callable[[], None]], device: torch.device, warmup: int = 3, repeats: int = 10
+               ) -> List[Dict[str, Optional[float]]]:
+    """Median seconds per step and peak memory (MiB, CUDA only) of each step, timed alternately.
+
+    Every step is warmed up, its peak memory read over one more step, then the timed repeats take
+    turns (a, b, c, a, b, c, ...), so slow drifts of the machine hit every contender alike.
+    """
+    peaks = []
+    for step in steps:
+        for _ in range(warmup):
+            step()
+        _sync(device)
+        if device.type == 'cuda':
+            torch.cuda.reset_peak_memory_stats(device)
+            step()
+            _sync(device)
+            peaks.append(torch.cuda.max_memory_allocated(device) / 2 ** 20)
         else:
-            with torch.no_grad(), amp_ctx():
-                model(x)
-
-    for _ in range(warmup):
-        step()
-    if device.type == 'cuda':
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
+            peaks.append(None)
+    times = [[] for _ in steps]
     for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == 'cuda' else None
-    return {'seconds': statistics.median(times), 'peak_mib': peak}
+        for i, step in enumerate(steps):
+            _sync(device)
+            start = time.perf_counter()
+            step()
+            _sync(device)
+            times[i].append(time.perf_counter() - start)
+    return [{'seconds': statistics.median(t), 'peak_mib': peak} for t, peak in zip(times, peaks)]
 
 
-def benchmark(models: Sequence[str], img_sizes: Sequence[int] = (224,), batch_size: int = 32, dtype: str = 'fp32',
+def benchmark(models: Sequence[str], img_sizes: Sequence = (224,), batch_size: int = 32, dtype: str = 'fp32',
               modes: Sequence[str] = ('infer',), device: str = 'cpu', peers: bool = True,
-              official_repo: Optional[str] = None, warmup: int = 3, repeats: int = 10) -> List[BenchResult]:
-    """Measure each flatten model, its softmax peer and (with official_repo) the official code, side by side."""
+              official_repo: Optional[str] = None, warmup: int = 3, repeats: int = 10,
+              features_only: bool = False) -> List[BenchResult]:
+    """Measure each flatten model, its softmax peer and (with official_repo) the official code, side by side.
+
+    img_sizes: 224 or (800, 1344) / '800x1344'; features_only: the backbones as detectors use them.
+    """
     device = torch.device(device)
     results = []
     for name in models:
         if not timm.is_model(name):
             raise ValueError(f'unknown model {name!r}')
-        for img_size in img_sizes:
+        for img_size in map(parse_img_size, img_sizes):
             contenders = [(name, 'flatten')]
             if peers and name in SOFTMAX_PEERS:
                 contenders.append((SOFTMAX_PEERS[name], 'softmax peer'))
             if official_repo and name in OFFICIAL_BUILDERS:
-                if img_size == OFFICIAL_IMG_SIZE:
+                if img_size == (OFFICIAL_IMG_SIZE, OFFICIAL_IMG_SIZE) and not features_only:
                     contenders.append((name, 'official'))
                 else:
-                    _logger.warning(f'the official code runs only at {OFFICIAL_IMG_SIZE}px: not measured at {img_size}')
+                    _logger.warning(f'the official code runs only as a {OFFICIAL_IMG_SIZE}px classifier: '
+                                    f'not measured at {size_label(img_size)}{" features_only" if features_only else ""}')
             for mode in modes:
-                rows = []
+                built, counts = [], []
                 for model_name, kind in contenders:
                     torch.manual_seed(0)
-                    model = _build(model_name, kind, img_size, official_repo)
+                    model = _build(model_name, kind, img_size, official_repo, features_only)
                     if kind == 'official':  # its constructors need real tensors
-                        params_m, gmacs = count_params_and_gmacs(model, (3, img_size, img_size))
+                        counts.append(count_params_and_gmacs(model, (3, *img_size)))
                     else:
                         with torch.device('meta'):  # counting on the meta device costs nothing
-                            params_m, gmacs = count_params_and_gmacs(
-                                _build(model_name, kind, img_size, official_repo), (3, img_size, img_size))
-                    timing = time_model(model, img_size, batch_size, dtype, mode, device, warmup, repeats)
+                            counts.append(count_params_and_gmacs(
+                                _build(model_name, kind, img_size, official_repo, features_only), (3, *img_size)))
+                    built.append(_make_step(model, img_size, batch_size, dtype, mode, device))
+                timings = time_steps(built, device, warmup, repeats)
+                del built
+                rows = []
+                for (model_name, kind), (params_m, gmacs), timing in zip(contenders, counts, timings):
                     rows.append(BenchResult(
                         model=model_name if kind != 'official' else f'official {model_name}', kind=kind,
-                        flatten_model=name, img_size=img_size, batch_size=batch_size, dtype=dtype, mode=mode,
-                        params_m=round(params_m, 2), gmacs=round(gmacs, 2),
+                        flatten_model=name, img_size=size_label(img_size), batch_size=batch_size, dtype=dtype,
+                        mode=mode, params_m=round(params_m, 2), gmacs=round(gmacs, 2),
                         img_per_s=round(batch_size / timing['seconds'], 2),
                         ms_per_batch=round(timing['seconds'] * 1e3, 2),
-                        peak_mib=round(timing['peak_mib'], 1) if timing['peak_mib'] is not None else None))
-                    _logger.info(f'{rows[-1].model} {img_size}px {mode}: {rows[-1].img_per_s} img/s')
-                    del model
+                        peak_mib=round(timing['peak_mib'], 1) if timing['peak_mib'] is not None else None,
+                        features_only=features_only))
+                    _logger.info(f'{rows[-1].model} {rows[-1].img_size}px {mode}: {rows[-1].img_per_s} img/s')
                 base = rows[0].img_per_s
                 for row in rows:
                     row.ratio_vs_flatten = round(base / row.img_per_s, 3)
@@ -220,7 +275,8 @@ def format_table(results: List[BenchResult]) -> str:
     for r in results:
         peak = f'{r.peak_mib:.0f}' if r.peak_mib is not None else '-'
         ratio = '' if r.kind == 'flatten' else f'{r.ratio_vs_flatten:.2f}x'
-        lines.append(f'| {r.model} | {r.kind} | {r.img_size} | {r.batch_size} | {r.dtype} | {r.mode} | '
+        mode = f'{r.mode} (features)' if r.features_only else r.mode
+        lines.append(f'| {r.model} | {r.kind} | {r.img_size} | {r.batch_size} | {r.dtype} | {mode} | '
                      f'{r.params_m:.2f} | {r.gmacs:.2f} | {r.img_per_s:.1f} | {peak} | {ratio} |')
     return '\n'.join(lines)
 
@@ -228,6 +284,11 @@ def format_table(results: List[BenchResult]) -> str:
 def write_json(results: List[BenchResult], path: str, device: str):
     with open(path, 'w') as f:
         json.dump({'environment': environment(device), 'results': [asdict(r) for r in results]}, f, indent=1)
+
+
+def _pixels(label: str) -> int:
+    h, w = parse_img_size(label)
+    return h * w
 
 
 def write_plot(results: List[BenchResult], path: str, device: str):
@@ -240,10 +301,11 @@ def write_plot(results: List[BenchResult], path: str, device: str):
     for r in results:
         series.setdefault(f'{r.model} ({r.mode}, {r.dtype})', []).append(r)
     for label, rows in series.items():
-        rows = sorted(rows, key=lambda r: r.img_size)
+        rows = sorted(rows, key=lambda r: _pixels(r.img_size))
         style = '-' if rows[0].kind == 'flatten' else ('--' if rows[0].kind == 'softmax peer' else ':')
-        ax.plot([r.img_size for r in rows], [r.img_per_s for r in rows], style, marker='o', label=label)
-    ax.set_xlabel('image size (px)')
+        ax.plot([_pixels(r.img_size) ** 0.5 for r in rows], [r.img_per_s for r in rows], style, marker='o',
+                label=label)
+    ax.set_xlabel('image size (px, square root of H x W)')
     ax.set_ylabel('images / s')
     ax.set_yscale('log')
     env = environment(device)

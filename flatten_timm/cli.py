@@ -126,7 +126,8 @@ def _cmd_bench(args) -> int:
     from .benchmark import benchmark, format_table, write_json, write_plot
     results = benchmark(args.models, img_sizes=args.img_size, batch_size=args.batch_size, dtype=args.dtype,
                         modes=args.mode, device=args.device, peers=not args.no_peers,
-                        official_repo=args.official_repo, warmup=args.warmup, repeats=args.repeats)
+                        official_repo=args.official_repo, warmup=args.warmup, repeats=args.repeats,
+                        features_only=args.features_only)
     print(format_table(results))
     if args.json:
         write_json(results, args.json, args.device)
@@ -135,6 +136,14 @@ def _cmd_bench(args) -> int:
         write_plot(results, args.plot, args.device)
         print(f'wrote {args.plot}')
     return 0
+
+
+def _image_size(value: str):
+    from .benchmark import parse_img_size
+    try:
+        return parse_img_size(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _cuda_available() -> bool:
@@ -190,7 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser('bench', help='images/s and memory of flatten models beside timm softmax peers')
     bench.add_argument('--models', nargs='+', default=['flatten_pvt_v2_b0', 'flatten_swin_tiny_patch4_224'],
                        help='flatten models to measure')
-    bench.add_argument('--img-size', type=int, nargs='+', default=[224], help='resolutions (default 224)')
+    bench.add_argument('--img-size', type=_image_size, nargs='+', default=[(224, 224)],
+                       help='resolutions: 224, or HEIGHTxWIDTH such as 800x1344 (default 224)')
+    bench.add_argument('--features-only', action='store_true',
+                       help='measure the features_only backbones (stage maps), as detectors use them')
     bench.add_argument('-b', '--batch-size', type=int, default=32)
     bench.add_argument('--dtype', default='fp32', choices=['fp32', 'bf16', 'fp16'], help='fp32, or autocast')
     bench.add_argument('--mode', nargs='+', default=['infer'], choices=['infer', 'train', 'compile'],
@@ -200,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument('--official-repo', default=None,
                        help='a checkout of LeapLabTHU/FLatten-Transformer, to measure the official code too')
     bench.add_argument('--warmup', type=int, default=3)
-    bench.add_argument('--repeats', type=int, default=10, help='timed batches; the median is reported')
+    bench.add_argument('--repeats', type=int, default=10,
+                       help='timed batches per model, taken in turns with the other models; the median is reported')
     bench.add_argument('--json', default=None, help='write the results and environment as JSON')
     bench.add_argument('--plot', default=None, help='write a PNG of images/s against resolution')
     bench.set_defaults(func=_cmd_bench)

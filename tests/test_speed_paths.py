@@ -71,3 +71,31 @@ def test_bench_command_measures_side_by_side(tmp_path, capsys):
                        and r['mode'] == row['mode'])
         assert row['ratio_vs_flatten'] == pytest.approx(flatten['img_per_s'] / row['img_per_s'], rel=1e-2)
     assert (tmp_path / 'b.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_bench_measures_features_only_backbones_at_height_x_width(tmp_path, capsys):
+    assert main(['bench', '--models', 'flatten_swin_tiny_patch4_224', '--img-size', '64x96', '--features-only',
+                 '-b', '1', '--repeats', '1', '--warmup', '1', '--device', 'cpu',
+                 '--json', str(tmp_path / 'b.json')]) == 0
+    table = capsys.readouterr().out
+    assert '| flatten_swin_tiny_patch4_224 | flatten | 64x96 | 1 | fp32 | infer (features) |' in table
+    assert '| swin_tiny_patch4_window7_224 | softmax peer | 64x96 |' in table
+    rows = json.loads((tmp_path / 'b.json').read_text())['results']
+    assert [r['features_only'] for r in rows] == [True, True]
+    # features_only has no classifier head: fewer parameters than the classifier's 29.19M
+    assert rows[0]['gmacs'] > 0 and rows[0]['params_m'] < 29.19
+
+
+def test_bench_rejects_a_malformed_size(capsys):
+    with pytest.raises(SystemExit):
+        main(['bench', '--img-size', '800by1344'])
+    assert 'HEIGHTxWIDTH' in capsys.readouterr().err
+
+
+def test_timed_steps_take_turns():
+    from flatten_timm.benchmark import time_steps
+    order = []
+    steps = [lambda: order.append('a'), lambda: order.append('b')]
+    timings = time_steps(steps, torch.device('cpu'), warmup=1, repeats=3)
+    assert order == ['a', 'b'] + ['a', 'b'] * 3  # warm-ups, then alternating timed repeats
+    assert all(t['seconds'] >= 0 and t['peak_mib'] is None for t in timings)

@@ -14,9 +14,10 @@ Inputs are (B, N, C) tokens with unit channel stride and any batch / token strid
 fused qkv projection), in float32, bfloat16 or float16; every accumulation is float32.
 Runs on CUDA, and on the CPU under TRITON_INTERPRET=1 (how the tests check it without a GPU).
 """
+import functools
+import os
 from typing import Optional, Tuple
 
-import os
 import torch
 import triton
 import triton.language as tl
@@ -277,9 +278,14 @@ def _kernel_backward(x, floor, norm, inv_pow_norm, dy, dden, p, is_query, num_he
     return dx.to(x.dtype), dfloor.sum(0)
 
 
+@functools.lru_cache(maxsize=None)
+def _target_programs(device: torch.device) -> int:
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == 'cuda' else 4
+
+
 def _kv_chunk(n: int, programs: int, block_n: int, device: torch.device) -> int:
     """Keys per program of the kv reduction: enough programs to fill the GPU, whole blocks each."""
-    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == 'cuda' else 4
+    target = _target_programs(device)
     splits = max(1, min(triton.cdiv(n, block_n), target // max(programs, 1)))
     return triton.cdiv(triton.cdiv(n, splits), block_n) * block_n
 

@@ -203,6 +203,37 @@ def time_steps(steps: Sequence[Callable[[], None]], device: torch.device, warmup
     return [{'seconds': statistics.median(t), 'peak_mib': peak} for t, peak in zip(times, peaks)]
 
 
+def _measure(name, contenders, img_size: Size, batch_size, dtype, mode, device, official_repo, warmup, repeats,
+             features_only) -> List[BenchResult]:
+    """One row per contender, timed in turns; ratio_vs_flatten = flatten img/s / contender img/s."""
+    built, counts = [], []
+    for model_name, kind in contenders:
+        torch.manual_seed(0)
+        model = _build(model_name, kind, img_size, official_repo, features_only)
+        if kind == 'official':  # its constructors need real tensors
+            counts.append(count_params_and_gmacs(model, (3, *img_size)))
+        else:
+            with torch.device('meta'):  # counting on the meta device costs nothing
+                counts.append(count_params_and_gmacs(
+                    _build(model_name, kind, img_size, official_repo, features_only), (3, *img_size)))
+        built.append(_make_step(model, img_size, batch_size, dtype, mode, device))
+    timings = time_steps(built, device, warmup, repeats)
+    rows = []
+    for (model_name, kind), (params_m, gmacs), timing in zip(contenders, counts, timings):
+        rows.append(BenchResult(
+            model=model_name if kind != 'official' else f'official {model_name}', kind=kind,
+            flatten_model=name, img_size=size_label(img_size), batch_size=batch_size, dtype=dtype,
+            mode=mode, params_m=round(params_m, 2), gmacs=round(gmacs, 2),
+            img_per_s=round(batch_size / timing['seconds'], 2),
+            ms_per_batch=round(timing['seconds'] * 1e3, 2),
+            peak_mib=round(timing['peak_mib'], 1) if timing['peak_mib'] is not None else None,
+            features_only=features_only))
+        _logger.info(f'{rows[-1].model} {rows[-1].img_size}px {mode}: {rows[-1].img_per_s} img/s')
+    for row in rows:
+        row.ratio_vs_flatten = round(rows[0].img_per_s / row.img_per_s, 3)
+    return rows
+
+
 def benchmark(models: Sequence[str], img_sizes: Sequence = (224,), batch_size: int = 32, dtype: str = 'fp32',
               modes: Sequence[str] = ('infer',), device: str = 'cpu', peers: bool = True,
               official_repo: Optional[str] = None, warmup: int = 3, repeats: int = 10,
@@ -212,6 +243,10 @@ def benchmark(models: Sequence[str], img_sizes: Sequence = (224,), batch_size: i
     img_sizes: 224 or (800, 1344) / '800x1344'; features_only: the backbones as detectors use them.
     """
     device = torch.device(device)
+    if device.type == 'cuda':
+        # cuDNN's attention backward fails on some shapes of timm's pvt_v2 (torch 2.11, H200: "mha_graph.execute"):
+        # every contender runs SDPA's other fused kernels instead
+        torch.backends.cuda.enable_cudnn_sdp(False)
     results = []
     for name in models:
         if not timm.is_model(name):
@@ -227,33 +262,13 @@ def benchmark(models: Sequence[str], img_sizes: Sequence = (224,), batch_size: i
                     _logger.warning(f'the official code runs only as a {OFFICIAL_IMG_SIZE}px classifier: '
                                     f'not measured at {size_label(img_size)}{" features_only" if features_only else ""}')
             for mode in modes:
-                built, counts = [], []
-                for model_name, kind in contenders:
-                    torch.manual_seed(0)
-                    model = _build(model_name, kind, img_size, official_repo, features_only)
-                    if kind == 'official':  # its constructors need real tensors
-                        counts.append(count_params_and_gmacs(model, (3, *img_size)))
-                    else:
-                        with torch.device('meta'):  # counting on the meta device costs nothing
-                            counts.append(count_params_and_gmacs(
-                                _build(model_name, kind, img_size, official_repo, features_only), (3, *img_size)))
-                    built.append(_make_step(model, img_size, batch_size, dtype, mode, device))
-                timings = time_steps(built, device, warmup, repeats)
-                del built
-                rows = []
-                for (model_name, kind), (params_m, gmacs), timing in zip(contenders, counts, timings):
-                    rows.append(BenchResult(
-                        model=model_name if kind != 'official' else f'official {model_name}', kind=kind,
-                        flatten_model=name, img_size=size_label(img_size), batch_size=batch_size, dtype=dtype,
-                        mode=mode, params_m=round(params_m, 2), gmacs=round(gmacs, 2),
-                        img_per_s=round(batch_size / timing['seconds'], 2),
-                        ms_per_batch=round(timing['seconds'] * 1e3, 2),
-                        peak_mib=round(timing['peak_mib'], 1) if timing['peak_mib'] is not None else None,
-                        features_only=features_only))
-                    _logger.info(f'{rows[-1].model} {rows[-1].img_size}px {mode}: {rows[-1].img_per_s} img/s')
-                base = rows[0].img_per_s
-                for row in rows:
-                    row.ratio_vs_flatten = round(base / row.img_per_s, 3)
+                try:
+                    rows = _measure(name, contenders, img_size, batch_size, dtype, mode, device, official_repo,
+                                    warmup, repeats, features_only)
+                except Exception as e:  # one failing group (e.g. a backend error of a peer) spoils no others
+                    _logger.error(f'{name} {size_label(img_size)} {dtype} {mode}: not measured, '
+                                  f'{type(e).__name__}: {e}')
+                    continue
                 results.extend(rows)
     return results
 

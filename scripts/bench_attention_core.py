@@ -27,10 +27,31 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * 4 / (ms * 1e-3)
 
 
+def profile():
+    (B, N, C, H), dtype = SHAPES[0]
+    leaves = [torch.randn(B, N, C, device='cuda').to(dtype).requires_grad_() for _ in range(4)]
+    floor = torch.full((C,), 1e-6, device='cuda')
+    grad = torch.randn(B, N, C, device='cuda').to(dtype)
+    for name, fn in (('torch', focused_linear_attention), ('triton', triton_focused_linear_attention)):
+        for _ in range(3):
+            fn(leaves[0], leaves[1], leaves[2], floor, 3, H, leaves[3]).backward(grad)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                fn(leaves[0], leaves[1], leaves[2], floor, 3, H, leaves[3]).backward(grad)
+            torch.cuda.synchronize()
+        print(f'{name}, {B}x{N}x{C}, {H} heads, {dtype}, 5 x (forward + backward)')
+        print(prof.key_averages().table(sort_by='cuda_time_total', row_limit=14, max_name_column_width=60))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--json', default=None)
+    parser.add_argument('--profile', action='store_true',
+                        help='instead, list the CUDA kernels of forward + backward of the first shape, per implementation')
     args = parser.parse_args()
+    if args.profile:
+        return profile()
     bandwidth = copy_bandwidth()
     rows = []
     for (B, N, C, H), dtype in SHAPES:

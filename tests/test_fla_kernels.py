@@ -139,65 +139,97 @@ def test_set_attn_impl_reaches_every_layer():
 
 
 class FakeTimer:
-    """Times by name: the candidates report fixed durations, and every timing is recorded."""
+    """Fixed durations by implementation name; runs what it times, and records which and how."""
 
     def __init__(self, durations):
         self.durations, self.calls = durations, []
 
-    def __call__(self, fn):
-        name = fn.__name__
-        self.calls.append(name)
+    def __call__(self, name, fn):
+        self.calls.append((name, torch.is_grad_enabled()))
         fn()
         return self.durations[name]
 
 
-def candidates(log):
-    def torch_ops():
-        log.append('torch_ops')
-        return torch.zeros(1)
+def implementations(log):
+    def torch_ops(x):
+        log.append('torch')
+        return x * 2
 
-    def fused_kernels():
-        log.append('fused_kernels')
-        return torch.ones(1)
+    def fused_kernels(x):
+        log.append('triton')
+        return x * 3
 
     return {'torch': torch_ops, 'triton': fused_kernels}
 
 
 def test_auto_selection_picks_the_faster_and_caches_per_shape():
-    timer = FakeTimer({'torch_ops': 2.0, 'fused_kernels': 1.0})
+    timer = FakeTimer({'torch': 2.0, 'triton': 1.0})
     selector = ImplSelector(timer)
     log = []
-    assert selector.run(('shape a',), candidates(log)).item() == 1  # the faster one's result
-    assert timer.calls == ['torch_ops', 'fused_kernels']
+    x = torch.ones(2)
+    assert selector.run(('shape a',), implementations(log), (x,)).tolist() == [3, 3]  # the faster one's result
+    assert [name for name, _ in timer.calls] == ['torch', 'triton']
     log.clear()
-    assert selector.run(('shape a',), candidates(log)).item() == 1
-    assert timer.calls == ['torch_ops', 'fused_kernels'] and log == ['fused_kernels']  # cached: no timing
-    timer.durations = {'torch_ops': 1.0, 'fused_kernels': 3.0}
-    assert selector.run(('shape b',), candidates(log)).item() == 0  # a new key is timed on its own
+    assert selector.run(('shape a',), implementations(log), (x,)).tolist() == [3, 3]
+    assert len(timer.calls) == 2 and log == ['triton']  # cached: no timing
+    timer.durations = {'torch': 1.0, 'triton': 3.0}
+    assert selector.run(('shape b',), implementations(log), (x,)).tolist() == [2, 2]  # a new key is timed anew
     assert selector.choices == {('shape a',): 'triton', ('shape b',): 'torch'}
 
 
+def test_training_is_timed_with_backward_on_detached_inputs():
+    selector = ImplSelector(FakeTimer({'torch': 1.0, 'triton': 2.0}))
+    backwards = []
+
+    def torch_ops(x):
+        y = x * 2
+        y.register_hook(lambda g: backwards.append('torch'))
+        return y
+
+    x = torch.ones(3, requires_grad=True)
+    out = selector.run(('k',), {'torch': torch_ops, 'triton': lambda t: t * 3}, (x,))
+    assert backwards == ['torch']  # the timing ran a backward...
+    assert x.grad is None  # ...that never reached the caller's tensors
+    out.sum().backward()
+    assert x.grad.tolist() == [2, 2, 2]
+
+
 def test_auto_selection_falls_back_once_on_a_kernel_that_does_not_compile():
-    def broken():
+    def broken(x):
         raise RuntimeError('PassManager::run failed')
 
-    broken.__name__ = 'fused_kernels'
-    timer = FakeTimer({'torch_ops': 5.0, 'fused_kernels': 1.0})
+    timer = FakeTimer({'torch': 5.0, 'triton': 1.0})
     selector = ImplSelector(timer)
-    log = []
-    cands = dict(candidates(log), triton=broken)
+    impls = dict(implementations([]), triton=broken)
+    x = torch.ones(1)
     with pytest.warns(RuntimeWarning, match="'triton' implementation failed.*PassManager"):
-        assert selector.run(('k',), cands).item() == 0
+        assert selector.run(('k',), impls, (x,)).item() == 2
     with warnings.catch_warnings():
         warnings.simplefilter('error')  # one warning only
-        assert selector.run(('other',), cands).item() == 0
-        assert selector.call('triton', cands).item() == 0  # forced, it falls back too
+        assert selector.run(('other',), impls, (x,)).item() == 2
+        assert selector.call('triton', impls, (x,)).item() == 2  # forced, it falls back too
     assert selector.choices == {('k',): 'torch', ('other',): 'torch'}
 
 
 def test_auto_is_torch_on_cpu_without_timing(monkeypatch):
-    monkeypatch.setattr(attn_impl_module.SELECTOR, 'timer', lambda fn: pytest.fail('timed on CPU'))
+    monkeypatch.setattr(attn_impl_module.SELECTOR, 'timer', lambda name, fn: pytest.fail('timed on CPU'))
     q, k, v, residual, floor = make_inputs(1, 10, 10, 16, torch.float32, seed=1, requires_grad=False)
     if DEVICE.type == 'cpu':
         out = run_focused_linear_attention(q, k, v, floor, 3, 1, residual, attn_impl='auto')
         torch.testing.assert_close(out, focused_linear_attention(q, k, v, floor, 3, 1, residual))
+
+
+@needs_triton
+def test_auto_selection_runs_the_real_implementations_with_gradients():
+    from flatten_timm.layers.attn_impl import selection_key
+    from flatten_timm.layers.focused_linear_attention import _IMPLEMENTATIONS
+    timer = FakeTimer({'torch': 2.0, 'triton': 1.0})
+    selector = ImplSelector(timer)
+    q, k, v, residual, floor = make_inputs(1, 20, 20, 32, torch.float32, seed=11)
+    args = (q, k, v, floor, 3, 2, residual)
+    out = selector.run(selection_key(args), _IMPLEMENTATIONS, args)
+    assert selector.choices[selection_key(args)] == 'triton' and timer.calls == [('torch', True), ('triton', True)]
+    assert q.grad is None
+    torch.testing.assert_close(out, focused_linear_attention(*args), rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all() and torch.isfinite(floor.grad).all()

@@ -55,8 +55,8 @@ def triton_available(device: torch.device) -> bool:
     return True
 
 
-def cuda_event_timer(fn: Callable[[], object], warmup: int = 2, repeats: int = 5) -> float:
-    """Median seconds of fn() on the current device, synchronised."""
+def cuda_event_timer(name: str, fn: Callable[[], object], warmup: int = 2, repeats: int = 5) -> float:
+    """Median seconds of fn() on the current device, synchronised (`name` is for other timers' use)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -72,43 +72,61 @@ def cuda_event_timer(fn: Callable[[], object], warmup: int = 2, repeats: int = 5
 
 
 class ImplSelector:
-    """ Picks the faster of several implementations per key, timing each once, and remembers it.
+    """ Picks the faster of several implementations of one function per key, timing each once.
 
-    An implementation that raises is dropped (one warning per implementation) and the others are kept.
+    Candidates are functions of the same arguments. With autograd recording, a candidate is timed on
+    forward and backward (on detached copies of the inputs: nothing reaches the caller's graph);
+    otherwise on forward alone. An implementation that raises is dropped with one warning.
     """
 
-    def __init__(self, timer: Callable[[Callable[[], object]], float] = cuda_event_timer):
+    def __init__(self, timer: Callable[[str, Callable[[], object]], float] = cuda_event_timer):
         self.timer = timer
         self.choices: Dict[Tuple, str] = {}
         self.broken: Dict[str, str] = {}
 
-    def run(self, key: Tuple, candidates: Dict[str, Callable[[], torch.Tensor]],
+    def run(self, key: Tuple, candidates: Dict[str, Callable[..., torch.Tensor]], args: Tuple,
             fallback: str = 'torch') -> torch.Tensor:
-        """The result of the chosen candidate for `key`; times them all on the key's first call."""
+        """candidates[choice](*args) for the choice of `key`; times them all on the key's first call."""
         choice = self.choices.get(key)
-        if choice is not None:
-            return self.call(choice, candidates, fallback)
-        timings = {}
-        for name, fn in candidates.items():
-            if name in self.broken:
-                continue
-            try:
-                with torch.no_grad():
-                    timings[name] = self.timer(fn)
-            except Exception as e:  # a kernel that does not compile here: never again, say so once
-                self._mark_broken(name, e)
-        self.choices[key] = min(timings, key=timings.get) if timings else fallback
-        return self.call(self.choices[key], candidates, fallback)
+        if choice is None:
+            timings = {}
+            for name, fn in candidates.items():
+                if name in self.broken:
+                    continue
+                try:
+                    timings[name] = self.timer(name, self._timed_call(fn, args))
+                except Exception as e:  # a kernel that does not compile here: never again, say so once
+                    self._mark_broken(name, e)
+            choice = self.choices[key] = min(timings, key=timings.get) if timings else fallback
+        return self.call(choice, candidates, args, fallback)
 
-    def call(self, name: str, candidates: Dict[str, Callable[[], torch.Tensor]], fallback: str = 'torch'
-             ) -> torch.Tensor:
-        """The result of candidate `name`, or of `fallback` (with one warning) if it fails."""
+    @staticmethod
+    def _timed_call(fn: Callable[..., torch.Tensor], args: Tuple) -> Callable[[], object]:
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+            def forward():
+                with torch.no_grad():
+                    return fn(*args)
+            return forward
+        leaves = [a.detach().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args]
+        grad = []
+
+        def forward_backward():
+            out = fn(*leaves)
+            if not grad:
+                grad.append(torch.randn_like(out))
+            out.backward(grad[0])
+        return forward_backward
+
+    def call(self, name: str, candidates: Dict[str, Callable[..., torch.Tensor]], args: Tuple,
+             fallback: str = 'torch') -> torch.Tensor:
+        """candidates[name](*args), or the fallback's (with one warning) if it fails."""
         if name != fallback and name not in self.broken:
             try:
-                return candidates[name]()
+                return candidates[name](*args)
             except Exception as e:
                 self._mark_broken(name, e)
-        return candidates[fallback]()
+        return candidates[fallback](*args)
 
     def _mark_broken(self, name: str, error: Exception):
         if name not in self.broken:
@@ -122,6 +140,9 @@ class ImplSelector:
 SELECTOR = ImplSelector()
 
 
-def selection_key(*tensors: Optional[torch.Tensor], extra: Tuple = ()) -> Tuple:
-    parts = [(tuple(t.shape), t.stride(), t.dtype, t.device) if t is not None else None for t in tensors]
-    return (*parts, torch.is_grad_enabled(), *extra)
+def selection_key(args: Tuple) -> Tuple:
+    """What a choice depends on: shapes, strides, dtypes and devices of the tensors, the other arguments, and
+    whether a backward will follow."""
+    parts = [(tuple(a.shape), a.stride(), a.dtype, a.device, a.requires_grad) if isinstance(a, torch.Tensor) else a
+             for a in args]
+    return (*parts, torch.is_grad_enabled())

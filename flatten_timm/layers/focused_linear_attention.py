@@ -117,6 +117,17 @@ def focused_linear_attention(
     return out.to(v.dtype)
 
 
+def _fused_kernels(*args) -> torch.Tensor:
+    if not triton_available(args[0].device):
+        raise RuntimeError(f'Triton is not installed or does not run on {args[0].device.type} '
+                           f'(on a CPU it needs TRITON_INTERPRET=1)')
+    from .fla_triton import triton_focused_linear_attention
+    return triton_focused_linear_attention(*args)
+
+
+_IMPLEMENTATIONS = {'torch': focused_linear_attention, 'triton': _fused_kernels}
+
+
 def run_focused_linear_attention(
         q: torch.Tensor,
         k: torch.Tensor,
@@ -128,24 +139,13 @@ def run_focused_linear_attention(
         attn_impl: str = 'auto',
 ) -> torch.Tensor:
     """`focused_linear_attention` by the implementation `attn_impl` selects ('auto', 'torch' or 'triton')."""
-    def torch_ops():
-        return focused_linear_attention(q, k, v, floor, focusing_factor, num_heads, residual)
-
+    args = (q, k, v, floor, focusing_factor, num_heads, residual)
     if attn_impl == 'torch' or (attn_impl == 'auto' and (
             q.device.type != 'cuda' or torch.compiler.is_compiling() or not triton_available(q.device))):
-        return torch_ops()
-
-    def fused_kernels():
-        if not triton_available(q.device):
-            raise RuntimeError(f'Triton is not installed or does not run on {q.device.type} '
-                               f'(on a CPU it needs TRITON_INTERPRET=1)')
-        from .fla_triton import triton_focused_linear_attention
-        return triton_focused_linear_attention(q, k, v, floor, focusing_factor, num_heads, residual)
-
-    candidates = {'torch': torch_ops, 'triton': fused_kernels}
+        return focused_linear_attention(*args)
     if attn_impl == 'triton':
-        return SELECTOR.call('triton', candidates)
-    return SELECTOR.run(selection_key(q, k, v, residual, extra=(focusing_factor, num_heads)), candidates)
+        return SELECTOR.call('triton', _IMPLEMENTATIONS, args)
+    return SELECTOR.run(selection_key(args), _IMPLEMENTATIONS, args)
 
 
 _KERNEL_SHIFT = 1e-6  # the kernel is (relu(x) + 1e-6) / s

@@ -229,8 +229,8 @@ def _measure(name, contenders, img_size: Size, batch_size, dtype, mode, device, 
             peak_mib=round(timing['peak_mib'], 1) if timing['peak_mib'] is not None else None,
             features_only=features_only))
         _logger.info(f'{rows[-1].model} {rows[-1].img_size}px {mode}: {rows[-1].img_per_s} img/s')
-    for row in rows:
-        row.ratio_vs_flatten = round(rows[0].img_per_s / row.img_per_s, 3)
+    for row, timing in zip(rows, timings):  # from the unrounded times
+        row.ratio_vs_flatten = round(timing['seconds'] / timings[0]['seconds'], 3)
     return rows
 
 

@@ -82,7 +82,7 @@ EOF
   echo "# GPU check"
   echo
   echo '## Attention core (ms per call, median)'
-  sed -n '/^copy bandwidth/,$p' "$log" | grep -E '^(copy|\|)'
+  sed -n '/^copy bandwidth/,/^##/p' "$log" | grep -E '^(copy|\|)'
   echo
   echo '## Whole models (images/s; "vs" = FLatten / other, higher is better for FLatten)'
   $PY scripts/gpu_report.py "$out/models.md" "$out/models.json" > /dev/null && cat "$out/models.md"

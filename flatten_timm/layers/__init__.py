@@ -3,7 +3,7 @@ from .focused_linear_attention import (
     FocusedLinearAttention, FocusedLinearAttention2d, focused_linear_attention, focusing_map, linear_attention,
     run_focused_linear_attention)
 from .grid_tokens import (
-    GridTableResizer, channels_last_to_tokens, map_to_tokens, resample_grid_tokens, tokens_to_channels_last,
+    GridTableResizer, channels_last_to_tokens, map_to_tokens, pad_nhwc, resample_grid_tokens, tokens_to_channels_last,
     tokens_to_map)
 from .softmax_attention import softmax_attention
 from .spatial_reduction import SpatialReduction, SpatialReductionAttention

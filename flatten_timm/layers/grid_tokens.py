@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['tokens_to_map', 'map_to_tokens', 'tokens_to_channels_last', 'channels_last_to_tokens',
+__all__ = ['tokens_to_map', 'map_to_tokens', 'tokens_to_channels_last', 'channels_last_to_tokens', 'pad_nhwc',
            'resample_grid_tokens', 'GridTableResizer']
 
 
@@ -35,6 +35,12 @@ def channels_last_to_tokens(x: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) map -> (B, H*W, C) tokens; a view when the map is channels_last."""
     B, C, H, W = x.shape
     return x.permute(0, 2, 3, 1).reshape(B, H * W, C)
+
+
+def pad_nhwc(x: torch.Tensor, pad_h: int, pad_w: int) -> torch.Tensor:
+    """Zero-pad a (B, H, W, C) map at the bottom and right; the map itself when there is nothing to pad
+    (F.pad copies even then)."""
+    return F.pad(x, (0, 0, 0, pad_w, 0, pad_h)) if pad_h or pad_w else x
 
 
 def resample_grid_tokens(tokens: torch.Tensor, src_size: Tuple[int, int], dst_size: Tuple[int, int]) -> torch.Tensor:

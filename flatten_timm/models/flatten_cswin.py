@@ -14,13 +14,12 @@ from typing import Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm2d, Mlp, to_2tuple, use_fused_attn
 from timm.models import generate_default_cfgs, register_model
 from timm.models.swin_transformer import window_partition, window_reverse
 
 from flatten_timm.layers import (
-    ConvEmbed, FocusedLinearAttention, channels_last_to_tokens, softmax_attention, tokens_to_channels_last)
+    ConvEmbed, FocusedLinearAttention, channels_last_to_tokens, pad_nhwc, softmax_attention, tokens_to_channels_last)
 from ._base import (
     FlattenModel, build_flatten_model, init_weights,
     PyramidStage, resolve_stage_args, stage_drop_path_rates, stage_reduction)
@@ -98,10 +97,10 @@ class CrossStripeAttention(nn.Module):
         n = stripe[0] * stripe[1]
 
         def to_heads(t: torch.Tensor) -> torch.Tensor:
-            t = window_partition(F.pad(t, (0, 0, 0, pad_w, 0, pad_h)), stripe)
+            t = window_partition(pad_nhwc(t, pad_h, pad_w), stripe)
             return t.reshape(-1, n, num_heads, C // num_heads).transpose(1, 2)
 
-        v_windows = window_partition(F.pad(v, (0, 0, 0, pad_w, 0, pad_h)), stripe)  # B', h, w, C
+        v_windows = window_partition(pad_nhwc(v, pad_h, pad_w), stripe)  # B', h, w, C
         v_lepe = lepe(v_windows.permute(0, 3, 1, 2)).reshape(-1, num_heads, C // num_heads, n).transpose(-2, -1)
         q, k = to_heads(q), to_heads(k)
         v = v_windows.reshape(-1, n, num_heads, C // num_heads).transpose(1, 2)

@@ -14,13 +14,12 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from timm.layers import DropPath, Mlp, PatchEmbed, to_2tuple, trunc_normal_, use_fused_attn
 from timm.models import generate_default_cfgs, register_model
 from timm.models.swin_transformer import PatchMerging, window_partition, window_reverse
 
-from flatten_timm.layers import FocusedLinearAttention, softmax_attention
+from flatten_timm.layers import FocusedLinearAttention, pad_nhwc, softmax_attention
 from ._base import (
     FlattenModel, build_flatten_model, init_weights, resolve_stage_args, stage_drop_path_rates, stage_reduction)
 from ._convert import fit_state_dict_to_model, rename_keys, unwrap_state_dict
@@ -179,7 +178,7 @@ class FlattenSwinBlock(nn.Module):
             x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
         pad_h = (window[0] - H % window[0]) % window[0]
         pad_w = (window[1] - W % window[1]) % window[1]
-        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+        x = pad_nhwc(x, pad_h, pad_w)
         Hp, Wp = H + pad_h, W + pad_w
 
         windows = window_partition(x, window).reshape(-1, window[0] * window[1], C)

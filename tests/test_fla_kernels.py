@@ -103,6 +103,17 @@ def test_without_autograd_the_in_place_path_gives_the_same_result():
     torch.testing.assert_close(fast, graph, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize('heads', [1, 2])
+def test_overwriting_the_inputs_gives_the_same_result(heads):
+    q, k, v, residual, floor = make_inputs(2, 30, 30, 32, torch.float32, seed=9, requires_grad=False)
+    expected = focused_linear_attention(q, k, v, floor, 3, heads, residual)
+    scratch = [t.clone() for t in (q, k, residual)]
+    with torch.no_grad():
+        out = focused_linear_attention(scratch[0], scratch[1], v, floor, 3, heads, scratch[2], overwrite_inputs=True)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    assert out.data_ptr() == scratch[2].data_ptr()  # written into the residual's buffer
+
+
 @pytest.mark.parametrize('impl', ['torch', pytest.param('triton', marks=needs_triton)])
 def test_module_paths_agree_with_the_reference_path(impl):
     torch.manual_seed(0)
@@ -119,6 +130,10 @@ def test_module_paths_agree_with_the_reference_path(impl):
     torch.testing.assert_close(outs[impl], outs['reference'], rtol=1e-4, atol=1e-4)
     for g, r in zip(grads[impl], grads['reference']):
         torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-4)
+    with torch.no_grad():  # inference overwrites the layer's own buffers, never its input
+        x_before = x.detach().clone()
+        torch.testing.assert_close(attn(x, (5, 7)), outs['reference'], rtol=1e-4, atol=1e-4)
+        assert torch.equal(x, x_before)
 
 
 def test_unknown_implementation_is_a_clear_error():

@@ -65,6 +65,7 @@ def focused_linear_attention(
         focusing_factor: float,
         num_heads: int,
         residual: Optional[torch.Tensor] = None,
+        overwrite_inputs: bool = False,
 ) -> torch.Tensor:
     """Focused linear attention in few passes over memory, on (B, N, C) tokens of any strides.
 
@@ -76,6 +77,8 @@ def focused_linear_attention(
     - phi(q_i) = c_i * t_i**p with a per-token c_i = ||t_i|| / ||t_i**p|| that cancels between numerator
       and normaliser, so the queries are never rescaled: only the normaliser's 1e-6 becomes 1e-6 / c_i;
     - the normaliser phi(q) . mean(phi(k)) is one more column of the matmul that gives the numerator.
+    overwrite_inputs: without autograd, q, k and residual may be used as scratch space (the module passes
+    its own projections): no new buffers, which on a CPU also spares their first-touch page faults.
     """
     B, N, C = q.shape
     n = k.shape[1]
@@ -84,9 +87,11 @@ def focused_linear_attention(
     floor = floor.to(compute)
     # without autograd, powers and scalings overwrite their input: fewer allocations, fewer page faults
     in_place = not torch.is_grad_enabled()
+    overwrite_inputs = overwrite_inputs and in_place
 
     def powered(x):  # the kernel t, t**p, and the L2 norms over C of both
-        t = torch.maximum(x.to(compute), floor)
+        x = x.to(compute)
+        t = torch.maximum(x, floor, out=x) if overwrite_inputs else torch.maximum(x, floor)
         t_norm = torch.linalg.vector_norm(t, dim=-1, keepdim=True)
         t_pow = t.pow_(focusing_factor) if in_place else t ** focusing_factor
         return t_norm, t_pow, torch.linalg.vector_norm(t_pow, dim=-1, keepdim=True)
@@ -111,8 +116,14 @@ def focused_linear_attention(
         kv = torch.cat([torch.bmm(k_i.transpose(1, 2), v[..., cols]), k_i.sum(dim=1).unsqueeze(-1)], dim=-1)
         out = torch.bmm(q_pow[..., cols] if num_heads > 1 else q_pow, kv)
         numerator, normaliser = out[..., :d], out[..., d:] + eps
-        heads.append(numerator / normaliser if residual is None else
-                     torch.addcdiv(residual[..., cols], numerator, normaliser))
+        if residual is None:
+            heads.append(numerator / normaliser)
+        elif overwrite_inputs:
+            heads.append(residual[..., cols].addcdiv_(numerator, normaliser))
+        else:
+            heads.append(torch.addcdiv(residual[..., cols], numerator, normaliser))
+    if overwrite_inputs and residual is not None:
+        return residual.to(v.dtype)  # every head was written into its columns
     out = heads[0] if num_heads == 1 else torch.cat(heads, dim=-1)
     return out.to(v.dtype)
 
@@ -137,12 +148,13 @@ def run_focused_linear_attention(
         num_heads: int,
         residual: Optional[torch.Tensor] = None,
         attn_impl: str = 'auto',
+        overwrite_inputs: bool = False,
 ) -> torch.Tensor:
     """`focused_linear_attention` by the implementation `attn_impl` selects ('auto', 'torch' or 'triton')."""
     args = (q, k, v, floor, focusing_factor, num_heads, residual)
     if attn_impl == 'torch' or (attn_impl == 'auto' and (
             q.device.type != 'cuda' or torch.compiler.is_compiling() or not triton_available(q.device))):
-        return focused_linear_attention(*args)
+        return focused_linear_attention(*args, overwrite_inputs=overwrite_inputs)
     if attn_impl == 'triton':
         return SELECTOR.call('triton', _IMPLEMENTATIONS, args)
     return SELECTOR.run(selection_key(args), _IMPLEMENTATIONS, args)
@@ -295,10 +307,14 @@ class FocusedLinearAttention(nn.Module):
             q = _kernel_projection(self.q, x, inv_scale, 1)
             x, key_size = self.sr(x, feat_size)
             k, v = _kernel_projection(self.kv, x, inv_scale, 1).chunk(2, dim=-1)
-        k = k + (self.key_positional_encoding(key_size) * inv_scale).to(k.dtype)
+        # q, k and the residual are this call's own buffers: without autograd they double as scratch space
+        # (not under torch.compile, whose inductor plans its own buffers)
+        scratch = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        pe = (self.key_positional_encoding(key_size) * inv_scale).to(k.dtype)
+        k = k.add_(pe) if scratch else k + pe
         x = run_focused_linear_attention(
             q, k, v, inv_scale * _KERNEL_SHIFT, self.focusing_factor, self.num_heads,
-            residual=self.local_mixing(v, feat_size), attn_impl=impl)
+            residual=self.local_mixing(v, feat_size), attn_impl=impl, overwrite_inputs=scratch)
         return self.proj_drop(self.proj(x))
 
 

@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--min-lr', type=float, default=1e-5)
     g.add_argument('--cooldown-epochs', type=int, default=0)
     g = p.add_argument_group('augmentation and regularisation')
-    g.add_argument('--aa', default=None, help="RandAugment policy, e.g. 'rand-m9-mstd0.5-inc1'")
+    g.add_argument('--aa', default=None,
+                   help="RandAugment policy, e.g. 'rand-m9-mstd0.5-inc1'; 'none' or '' switches off a config's")
     g.add_argument('--color-jitter', type=float, default=0.4)
     g.add_argument('--reprob', type=float, default=0.)
     g.add_argument('--remode', default='pixel')
@@ -143,6 +144,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         metadata = {k: config.pop(k) for k in list(config) if k in CONFIG_METADATA_KEYS}
         parser.set_defaults(**config)
     args = parser.parse_args(argv)
+    if args.aa is not None and str(args.aa).strip().lower() in ('', 'none'):
+        args.aa = None  # timm knows no policy 'none': no auto-augmentation at all
     args.config_metadata = metadata
     return args
 

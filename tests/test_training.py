@@ -156,3 +156,29 @@ def test_bad_arguments_fail_before_any_data_is_read(image_folder, monkeypatch, t
     (tmp_path / 'typo.yaml').write_text('model: flatten_pvt_tiny\nbatchsize: 64\n')
     with pytest.raises(SystemExit):
         train.parse_args(['--config', str(tmp_path / 'typo.yaml')])
+
+
+def test_aa_none_switches_randaugment_off(image_folder, monkeypatch, tmp_path):
+    train = _load_script(TRAIN)
+    recipe = str(REPO / 'configs' / 'flatten_pvt_v2_b0.yaml')  # sets RandAugment
+    assert train.parse_args(['--config', recipe]).aa.startswith('rand-')
+    for off in ('none', 'None', ''):
+        assert train.parse_args(['--config', recipe, '--aa', off]).aa is None
+    (tmp_path / 'no_aa.yaml').write_text('model: flatten_pvt_v2_b0\naa: none\n')
+    assert train.parse_args(['--config', str(tmp_path / 'no_aa.yaml')]).aa is None
+
+    class Built(Exception):
+        pass
+
+    def capture_loader(dataset, **kwargs):  # the training loader's transform, then stop
+        raise Built(kwargs['auto_augment'])
+
+    monkeypatch.setattr(train, 'create_loader', capture_loader)
+    with pytest.raises(Built) as built:
+        train.main(['--config', recipe, '--aa', 'none', '--data-dir', str(image_folder), *TINY_RUN,
+                    '--output', str(tmp_path)])
+    assert built.value.args == (None,)
+    # and timm builds the training transform without any auto-augmentation op
+    from timm.data import create_transform
+    transform = create_transform(64, is_training=True, auto_augment=None)
+    assert not any('RandAugment' in type(t).__name__ for t in transform.transforms)

@@ -100,3 +100,19 @@ def test_timed_steps_take_turns():
     timings = time_steps(steps, torch.device('cpu'), warmup=1, repeats=3)
     assert order == ['a', 'b'] + ['a', 'b'] * 3  # warm-ups, then alternating timed repeats
     assert all(t['seconds'] >= 0 and t['peak_mib'] is None for t in timings)
+
+
+def test_a_failing_group_is_logged_and_the_others_measured(monkeypatch, caplog):
+    from flatten_timm import benchmark as bench_module
+    measure = bench_module._measure
+
+    def fails_for_train(name, contenders, img_size, batch_size, dtype, mode, *args):
+        if mode == 'train':
+            raise RuntimeError('backend failure')
+        return measure(name, contenders, img_size, batch_size, dtype, mode, *args)
+
+    monkeypatch.setattr(bench_module, '_measure', fails_for_train)
+    rows = bench_module.benchmark(['flatten_pvt_v2_b0'], img_sizes=[(32, 48)], batch_size=1, modes=('train', 'infer'),
+                                  warmup=1, repeats=1)
+    assert [(r.kind, r.mode) for r in rows] == [('flatten', 'infer'), ('softmax peer', 'infer')]
+    assert 'flatten_pvt_v2_b0 32x48 fp32 train: not measured, RuntimeError: backend failure' in caplog.text

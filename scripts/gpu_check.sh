@@ -71,7 +71,7 @@ $PY - "$out" <<'EOF'
 import glob, json, os, sys
 out = sys.argv[1]
 merged = {'environment': None, 'results': []}
-for path in sorted(glob.glob(os.path.join(out, 'm*.json'))):
+for path in sorted(glob.glob(os.path.join(out, 'm[0-9].json'))):
     report = json.load(open(path))
     merged['environment'] = merged['environment'] or report['environment']
     merged['results'] += report['results']

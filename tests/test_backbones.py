@@ -179,3 +179,24 @@ def test_faster_rcnn_trains_and_detects(name):
     assert len(detections) == 2
     for d in detections:
         assert set(d) == {'boxes', 'labels', 'scores'} and d['boxes'].shape[1:] == (4,)
+
+
+@pytest.mark.parametrize('name', sorted(TINY))
+def test_fx_feature_extraction_matches_the_getter(name):
+    """features_only with feature_cls='fx' (a torch.fx graph cut at the stage outputs) at a non-square size.
+
+    As with timm's own Swin, the graph returns the stages' own layout (NHWC for Swin) and says so.
+    """
+    torch.manual_seed(0)
+    fx = timm.create_model(name, **TINY[name], features_only=True, feature_cls='fx').eval()
+    getter = timm.create_model(name, **TINY[name], features_only=True).eval()
+    getter.load_state_dict({k.replace('graph_module.', 'model.', 1): v for k, v in fx.state_dict().items()})
+    x = torch.randn(1, 3, 72, 104)
+    with torch.no_grad():
+        fx_maps, maps = fx(x), getter(x)
+    if str(fx.output_fmt.value) == 'NHWC':
+        assert name.startswith('flatten_swin')
+        fx_maps = [m.permute(0, 3, 1, 2) for m in fx_maps]
+    assert [m.shape for m in fx_maps] == [m.shape for m in maps]
+    for a, b in zip(fx_maps, maps):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

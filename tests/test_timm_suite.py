@@ -14,9 +14,14 @@ import pytest
 import timm
 
 CACHE = Path(os.environ.get('FLATTEN_TIMM_CACHE', Path.home() / '.cache' / 'flatten_timm'))
-# forward, backward (128x128), default cfgs, forward_features, features_only and forward_intermediates
-TIMM_TESTS = ['test_model_forward', 'test_model_backward', 'test_model_default_cfgs', 'test_model_forward_features',
-              'test_model_forward_intermediates_features', 'test_model_forward_intermediates']
+# forward, backward (128x128), default cfgs, forward_features, features_only and forward_intermediates; and the
+# torch.fx ones (a traced forward equal to the model's, a traced backward), run as a second group so that
+# pytest-xdist gives each group its own worker
+TIMM_TESTS = {
+    'models': ['test_model_forward', 'test_model_backward', 'test_model_default_cfgs', 'test_model_forward_features',
+               'test_model_forward_intermediates_features', 'test_model_forward_intermediates'],
+    'fx': ['test_model_forward_fx', 'test_model_backward_fx'],
+}
 
 
 def _timm_test_models() -> Path:
@@ -38,9 +43,10 @@ def _timm_test_models() -> Path:
     return target
 
 
-def test_timm_model_tests_pass_for_every_flatten_model():
+@pytest.mark.parametrize('group', sorted(TIMM_TESTS))
+def test_timm_model_tests_pass_for_every_flatten_model(group):
     tests_dir = _timm_test_models()
-    selection = ' or '.join(f'{t}[' for t in TIMM_TESTS)
+    selection = ' or '.join(f'{t}[' for t in TIMM_TESTS[group])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get('PYTHONPATH', '')]))
     result = subprocess.run(
         [sys.executable, '-m', 'pytest', str(tests_dir / 'test_models.py'), '-p', 'timm_suite_plugin',
@@ -50,4 +56,4 @@ def test_timm_model_tests_pass_for_every_flatten_model():
     summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else result.stderr[-2000:]
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
     passed = int(re.search(r'(\d+) passed', summary).group(1))
-    assert passed == len(TIMM_TESTS) * len(timm.list_models('flatten_*')), summary
+    assert passed == len(TIMM_TESTS[group]) * len(timm.list_models('flatten_*')), summary

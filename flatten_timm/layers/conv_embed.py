@@ -2,11 +2,12 @@
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import LayerNorm2d
+from timm.layers import LayerNorm2d, register_notrace_module
 
 __all__ = ['ConvEmbed']
 
 
+@register_notrace_module  # shape-dependent control flow (grids, windows, padding): a leaf for torch.fx
 class ConvEmbed(nn.Module):
     """ Conv2d(kernel, stride, padding) then LayerNorm over channels: PVTv2's overlapping patch embedding,
     CSWin's stem and merge blocks."""

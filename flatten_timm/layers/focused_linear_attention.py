@@ -11,6 +11,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
 
 from .grid_tokens import (
     GridTableResizer, channels_last_to_tokens, map_to_tokens, tokens_to_channels_last, tokens_to_map)
@@ -177,6 +178,7 @@ def _kernel_projection(linear: nn.Linear, x: torch.Tensor, inv_scale: torch.Tens
     return F.linear(x, linear.weight * row_scale.unsqueeze(-1), bias)
 
 
+@register_notrace_module  # shape-dependent control flow (grids, windows, padding): a leaf for torch.fx
 class FocusedLinearAttention(nn.Module):
     """ Focused linear attention over tokens on an H x W grid, (B, H*W, C) -> (B, H*W, C).
 

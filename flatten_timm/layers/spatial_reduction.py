@@ -8,7 +8,7 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
-from timm.layers import use_fused_attn
+from timm.layers import register_notrace_module, use_fused_attn
 
 from .grid_tokens import map_to_tokens, tokens_to_map
 from .softmax_attention import softmax_attention
@@ -49,6 +49,7 @@ class SpatialReduction(nn.Module):
         return x, out_size
 
 
+@register_notrace_module  # shape-dependent control flow (grids, windows, padding): a leaf for torch.fx
 class SpatialReductionAttention(nn.Module):
     """ PVT's softmax attention, keys/values from a spatially reduced grid (fused SDPA when enabled)."""
 

@@ -11,7 +11,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
-from timm.layers import get_device_dtype, trunc_normal_
+from timm.layers import get_device_dtype, register_notrace_function, register_notrace_module, trunc_normal_
 from timm.models import build_model_with_cfg
 from timm.models._features import feature_take_indices
 
@@ -41,6 +41,7 @@ def stage_drop_path_rates(drop_path_rate: float, depths: Sequence[int]):
     return [rates[sum(depths[:i]):sum(depths[:i + 1])] for i in range(len(depths))]
 
 
+@register_notrace_module  # shape-dependent control flow (grids, windows, padding): a leaf for torch.fx
 class PyramidStage(nn.Module):
     """ One pyramid stage, NCHW in and out: optional downsampling embed, optional absolute position
     embedding (PVT v1), blocks of `block_fn(dim, grid_size=..., drop_path=..., norm_layer=..., **block_kwargs)`
@@ -105,6 +106,27 @@ def init_weights(m: nn.Module):
         nn.init.zeros_(m.bias)
 
 
+@register_notrace_function  # checks on shapes: a leaf for torch.fx, as timm does with its own
+def prepare_images(x: torch.Tensor, in_chans: int, min_size: int, name: str) -> torch.Tensor:
+    """A clear error for input the model cannot take, else the batch in channels_last memory."""
+    if x.ndim != 4:
+        raise ValueError(
+            f'{name} expects a batch of images shaped (batch, channels, height, width); got a tensor of '
+            f'shape {tuple(x.shape)}. Add a batch dimension with x.unsqueeze(0) for a single image.')
+    if x.shape[1] != in_chans:
+        raise ValueError(
+            f'{name} expects {in_chans} input channels but got {x.shape[1]} (input shape '
+            f'{tuple(x.shape)}). Convert the images to {in_chans} channels, or create the model with '
+            f'in_chans={x.shape[1]}.')
+    if min(x.shape[-2:]) < min_size:
+        raise ValueError(
+            f'{name} needs images of at least {min_size}x{min_size} pixels (it '
+            f'downsamples by 32); got {x.shape[-2]}x{x.shape[-1]}. Resize or pad the input.')
+    # channels_last from the stem on: token layouts are NHWC, so every conv (embeddings, depthwise convs)
+    # then reads and writes its map in place, and convs run several times faster than on NCHW on CPU
+    return x.contiguous(memory_format=torch.channels_last)
+
+
 class FlattenModel(nn.Module):
     output_fmt: str = 'NCHW'
     min_input_size: int = 32
@@ -130,23 +152,7 @@ class FlattenModel(nn.Module):
     # ---- input validation -------------------------------------------------------------------
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:
         name = self.pretrained_cfg.get('architecture') if getattr(self, 'pretrained_cfg', None) else None
-        name = name or type(self).__name__
-        if x.ndim != 4:
-            raise ValueError(
-                f'{name} expects a batch of images shaped (batch, channels, height, width); got a tensor of '
-                f'shape {tuple(x.shape)}. Add a batch dimension with x.unsqueeze(0) for a single image.')
-        if x.shape[1] != self.in_chans:
-            raise ValueError(
-                f'{name} expects {self.in_chans} input channels but got {x.shape[1]} (input shape '
-                f'{tuple(x.shape)}). Convert the images to {self.in_chans} channels, or create the model with '
-                f'in_chans={x.shape[1]}.')
-        if min(x.shape[-2:]) < self.min_input_size:
-            raise ValueError(
-                f'{name} needs images of at least {self.min_input_size}x{self.min_input_size} pixels (it '
-                f'downsamples by 32); got {x.shape[-2]}x{x.shape[-1]}. Resize or pad the input.')
-        # channels_last from the stem on: token layouts are NHWC, so every conv (embeddings, depthwise convs)
-        # then reads and writes its map in place, and convs run several times faster than on NCHW on CPU
-        return x.contiguous(memory_format=torch.channels_last)
+        return prepare_images(x, self.in_chans, self.min_input_size, name or type(self).__name__)
 
     # ---- weights ----------------------------------------------------------------------------
     @torch.jit.ignore

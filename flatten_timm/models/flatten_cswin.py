@@ -14,7 +14,7 @@ from typing import Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath, LayerNorm2d, Mlp, to_2tuple, use_fused_attn
+from timm.layers import DropPath, LayerNorm2d, Mlp, register_notrace_module, to_2tuple, use_fused_attn
 from timm.models import generate_default_cfgs, register_model
 from timm.models.swin_transformer import window_partition, window_reverse
 
@@ -48,6 +48,7 @@ class LePEFocusedLinearAttention(FocusedLinearAttention):
         return super().local_mixing(v, feat_size) + lepe
 
 
+@register_notrace_module  # shape-dependent control flow (grids, windows, padding): a leaf for torch.fx
 class CrossStripeAttention(nn.Module):
     """ CSWin's cross-shaped window attention with LePE.
 

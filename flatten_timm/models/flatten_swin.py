@@ -15,7 +15,7 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
-from timm.layers import DropPath, Mlp, PatchEmbed, to_2tuple, trunc_normal_, use_fused_attn
+from timm.layers import DropPath, Mlp, PatchEmbed, register_notrace_module, to_2tuple, trunc_normal_, use_fused_attn
 from timm.models import generate_default_cfgs, register_model
 from timm.models.swin_transformer import PatchMerging, window_partition, window_reverse
 
@@ -112,6 +112,7 @@ class WindowAttention(nn.Module):
         return self.proj_drop(self.proj(x))
 
 
+@register_notrace_module  # shape-dependent control flow (grids, windows, padding): a leaf for torch.fx
 class FlattenSwinBlock(nn.Module):
     """ Swin block, NHWC in and out, with focused linear ('L') or softmax ('S') window attention."""
 

@@ -77,6 +77,32 @@ def test_outputs_and_gradients_match_the_spec(impl, dtype, tol, shape):
         assert relative_error(g, r) < (max(tol * 5, 3e-3) if name == 'floor' else tol * 5), name
 
 
+@pytest.fixture(params=['heads_in_a_loop', 'heads_in_one_matmul'])
+def heads_path(request, monkeypatch):
+    """The torch path's two ways through the heads (chosen by batch x tokens), both forced in turn."""
+    import importlib
+    module = importlib.import_module('flatten_timm.layers.focused_linear_attention')  # the module, not its function
+    monkeypatch.setattr(module, '_BATCHED_HEADS_MAX_TOKENS', 0 if request.param == 'heads_in_a_loop' else 10 ** 9)
+    return request.param
+
+
+@pytest.mark.parametrize('shape', [(2, 37, 37, 32, 2), (1, 50, 13, 48, 3)])
+def test_both_head_paths_match_the_spec(heads_path, shape):
+    q, k, v, residual, floor = make_inputs(*shape[:4], dtype=torch.float32, seed=sum(shape))
+    out = focused_linear_attention(q, k, v, floor, 3, shape[4], residual)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    ref_inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = spec_attention(*ref_inputs, floor, 3, shape[4], residual)
+    assert relative_error(out, ref) < 1e-5
+    for g, r in zip(grads, torch.autograd.grad(ref.sum(), ref_inputs)):
+        assert relative_error(g, r) < 5e-5
+    with torch.no_grad():  # and overwriting its scratch inputs
+        scratch = [t.detach().clone() for t in (q, k, residual)]
+        fast = focused_linear_attention(scratch[0], scratch[1], v.detach(), floor.detach(), 3, shape[4], scratch[2],
+                                        overwrite_inputs=True)
+    torch.testing.assert_close(fast, out.detach(), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize('impl', ['torch', pytest.param('triton', marks=needs_triton)])
 def test_focusing_factor_other_than_three(impl):
     q, k, v, residual, floor = make_inputs(1, 24, 24, 32, torch.float32, seed=3)

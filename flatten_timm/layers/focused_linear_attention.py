@@ -58,6 +58,9 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_head
     return x.transpose(1, 2).reshape(B, N, C)
 
 
+_BATCHED_HEADS_MAX_TOKENS = 4096  # batch x tokens up to which all heads go through one matmul
+
+
 def focused_linear_attention(
         q: torch.Tensor,
         k: torch.Tensor,
@@ -108,6 +111,16 @@ def focused_linear_attention(
     else:
         eps = 1e-6 * q_pow_norm / q_norm
     q_pow = q_pow.to(v.dtype)
+    if num_heads > 1 and B * N <= _BATCHED_HEADS_MAX_TOKENS:
+        # few tokens: one matmul over all heads beats a Python loop of small ops (the copies are small)
+        k_heads = k_phi.reshape(B, n, num_heads, d).transpose(1, 2)
+        kv = torch.matmul(k_heads.transpose(-2, -1), v.reshape(B, n, num_heads, d).transpose(1, 2))
+        kv = torch.cat([kv, k_heads.sum(dim=-2).unsqueeze(-1)], dim=-1)
+        out = torch.matmul(q_pow.reshape(B, N, num_heads, d).transpose(1, 2), kv)
+        out = (out[..., :d] / (out[..., d:] + eps.unsqueeze(1))).transpose(1, 2).reshape(B, N, C)
+        if residual is not None:
+            out = residual.add_(out) if overwrite_inputs else out + residual
+        return out.to(v.dtype)
     heads = []
     # one head at a time on strided column slices: matmuls read them in place, no per-head copies
     for i in range(num_heads):

@@ -74,7 +74,7 @@ def _load_phi_k(k_ptr, floor, norm_ptr, inv_pow_norm_ptr, b, j, j_mask, cols, d_
     t = tl.maximum(k.to(tl.float32), floor[None, :])
     scale = tl.load(norm_ptr + b * n + j, mask=j_mask, other=0.) * tl.load(
         inv_pow_norm_ptr + b * n + j, mask=j_mask, other=0.) * inv_n
-    return tl.where(mask, _power(t, P) * scale[:, None], 0.), t
+    return tl.where(mask, _power(t, P) * scale[:, None], 0.)
 
 
 @triton.jit
@@ -94,7 +94,7 @@ def _kv_state(k_ptr, v_ptr, floor_ptr, norm_ptr, inv_pow_norm_ptr, state_ptr, n,
     for j0 in range(start, end, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
         j_mask = j < end
-        phi, _ = _load_phi_k(k_ptr, floor, norm_ptr, inv_pow_norm_ptr, b, j, j_mask, cols, d_mask, n,
+        phi = _load_phi_k(k_ptr, floor, norm_ptr, inv_pow_norm_ptr, b, j, j_mask, cols, d_mask, n,
                              stride_kb, stride_kn, inv_n, P)
         v = tl.load(v_ptr + b * stride_vb + j[:, None] * stride_vn + cols[None, :],
                     mask=j_mask[:, None] & d_mask[None, :], other=0.)
@@ -126,7 +126,7 @@ def _load_unit_q(q_ptr, floor, norm_ptr, inv_pow_norm_ptr, b, i, i_mask, cols, d
     t = tl.maximum(q.to(tl.float32), floor[None, :])
     inv_pow_norm = tl.load(inv_pow_norm_ptr + b * N + i, mask=i_mask, other=0.)
     eps = 1e-6 / tl.load(norm_ptr + b * N + i, mask=i_mask, other=1.)
-    return tl.where(mask, _power(t, P) * inv_pow_norm[:, None], 0.), eps, t
+    return tl.where(mask, _power(t, P) * inv_pow_norm[:, None], 0.), eps
 
 
 @triton.jit
@@ -141,7 +141,7 @@ def _attn_out(q_ptr, floor_ptr, norm_ptr, inv_pow_norm_ptr, state_ptr, res_ptr, 
     i_mask, d_mask = i < N, d < D
     cols = h * D + d
     floor = tl.load(floor_ptr + cols, mask=d_mask, other=1.)
-    u, eps, _ = _load_unit_q(q_ptr, floor, norm_ptr, inv_pow_norm_ptr, b, i, i_mask, cols, d_mask, N,
+    u, eps = _load_unit_q(q_ptr, floor, norm_ptr, inv_pow_norm_ptr, b, i, i_mask, cols, d_mask, N,
                              stride_qb, stride_qn, P)
     S, z = _load_state(state_ptr, bh, d, d_mask, D)
     if IEEE:
@@ -168,7 +168,7 @@ def _attn_out_bwd(q_ptr, floor_ptr, norm_ptr, inv_pow_norm_ptr, state_ptr, grad_
     mask = i_mask[:, None] & d_mask[None, :]
     cols = h * D + d
     floor = tl.load(floor_ptr + cols, mask=d_mask, other=1.)
-    u, eps, _ = _load_unit_q(q_ptr, floor, norm_ptr, inv_pow_norm_ptr, b, i, i_mask, cols, d_mask, N,
+    u, eps = _load_unit_q(q_ptr, floor, norm_ptr, inv_pow_norm_ptr, b, i, i_mask, cols, d_mask, N,
                              stride_qb, stride_qn, P)
     S, z = _load_state(state_ptr, bh, d, d_mask, D)
     g = tl.load(grad_ptr + b * stride_gb + i[:, None] * stride_gn + cols[None, :], mask=mask, other=0.).to(
@@ -198,7 +198,7 @@ def _kv_state_bwd(k_ptr, v_ptr, floor_ptr, norm_ptr, inv_pow_norm_ptr, dstate_pt
     mask = j_mask[:, None] & d_mask[None, :]
     cols = h * D + d
     floor = tl.load(floor_ptr + cols, mask=d_mask, other=1.)
-    phi, _ = _load_phi_k(k_ptr, floor, norm_ptr, inv_pow_norm_ptr, b, j, j_mask, cols, d_mask, n,
+    phi = _load_phi_k(k_ptr, floor, norm_ptr, inv_pow_norm_ptr, b, j, j_mask, cols, d_mask, n,
                          stride_kb, stride_kn, inv_n, P)
     v = tl.load(v_ptr + b * stride_vb + j[:, None] * stride_vn + cols[None, :], mask=mask, other=0.).to(tl.float32)
     dS, dz = _load_state(dstate_ptr, bh, d, d_mask, D)

@@ -128,7 +128,7 @@ def focused_linear_attention(
         k_i = k_phi[..., cols]
         # [k^T v / n | mean(k)]: the normaliser is one more column of the numerator's matmul
         kv = torch.cat([torch.bmm(k_i.transpose(1, 2), v[..., cols]), k_i.sum(dim=1).unsqueeze(-1)], dim=-1)
-        out = torch.bmm(q_pow[..., cols] if num_heads > 1 else q_pow, kv)
+        out = torch.bmm(q_pow[..., cols], kv)
         numerator, normaliser = out[..., :d], out[..., d:] + eps
         if residual is None:
             heads.append(numerator / normaliser)

@@ -150,7 +150,7 @@ class FlattenModel(nn.Module):
         self.head = nn.Linear(num_features, self.num_classes, **dd) if self.num_classes > 0 else nn.Identity()
 
     # ---- input validation -------------------------------------------------------------------
-    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
+    def _prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         name = self.pretrained_cfg.get('architecture') if getattr(self, 'pretrained_cfg', None) else None
         return prepare_images(x, self.in_chans, self.min_input_size, name or type(self).__name__)
 
@@ -231,7 +231,7 @@ class FlattenModel(nn.Module):
         stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
 
         intermediates = []
-        x = self.patch_embed(self._check_input(x))
+        x = self.patch_embed(self._prepare_input(x))
         for stage_index, stage in enumerate(stages):
             x = stage(x)
             if stage_index in take_indices:
@@ -264,7 +264,7 @@ class FlattenModel(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(self._check_input(x))
+        x = self.patch_embed(self._prepare_input(x))
         x = self.stages(x)
         return self.norm(x)
 

@@ -46,15 +46,18 @@ def _class_names(model) -> List[str]:
     return [f'class {i}' for i in range(model.num_classes)]
 
 
-def _load_model(args):
+def _load_model(args, features_only: bool = False):
     """The model of --model with the weights of --pretrained or --checkpoint, in eval mode."""
     import timm
     from .checkpoint import create_model_from_checkpoint
+    if args.checkpoint and features_only:  # timm's pretrained path loads it without the head
+        return timm.create_model(args.model, pretrained=True, features_only=True,
+                                 pretrained_cfg_overlay=dict(file=args.checkpoint)).eval()
     if args.checkpoint:
         return create_model_from_checkpoint(args.model, args.checkpoint).eval()
     if not args.pretrained:
         logging.getLogger(__name__).warning('neither --pretrained nor --checkpoint: using random weights')
-    return timm.create_model(args.model, pretrained=args.pretrained).eval()
+    return timm.create_model(args.model, pretrained=args.pretrained, features_only=features_only).eval()
 
 
 def _read_image(path: str):
@@ -138,6 +141,23 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from .export import check_onnx, default_check_sizes, export_onnx, model_min_input_size
+    model = _load_model(args, features_only=args.features_only)
+    img_size = tuple(args.img_size) if args.img_size else tuple(model.pretrained_cfg['input_size'][-2:])
+    path = export_onnx(model, args.output, img_size=img_size, dynamic=args.dynamic, exporter=args.exporter,
+                       opset=args.opset)
+    axes = 'dynamic batch, height and width' if args.dynamic else f'fixed size 1x3x{img_size[0]}x{img_size[1]}'
+    print(f'wrote {path} ({args.exporter} exporter, {axes}); onnx.checker passed')
+    sizes = default_check_sizes(img_size, model_min_input_size(model)) if args.dynamic else [img_size]
+    print('ONNX Runtime vs PyTorch, random input:')
+    for check in check_onnx(path, model, sizes, batch_size=2 if args.dynamic else 1):
+        shapes = ', '.join('x'.join(map(str, s)) for s in check.output_shapes)
+        print(f'  {check.batch_size}x{check.img_size[0]}x{check.img_size[1]}: max |difference| '
+              f'{check.max_abs_diff:.2e}  (outputs {shapes})')
+    return 0
+
+
 def _image_size(value: str):
     from .benchmark import parse_img_size
     try:
@@ -217,6 +237,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument('--json', default=None, help='write the results and environment as JSON')
     bench.add_argument('--plot', default=None, help='write a PNG of images/s against resolution')
     bench.set_defaults(func=_cmd_bench)
+
+    export = sub.add_parser('export', help='export to ONNX (classifier or features_only backbone), checked in '
+                                           'ONNX Runtime')
+    _add_model_arguments(export)
+    export.add_argument('--features-only', action='store_true', help='export the backbone: one output per stage')
+    export.add_argument('--dynamic', action='store_true',
+                        help='dynamic batch, height and width (the graph is right at every size)')
+    export.add_argument('--img-size', type=int, nargs=2, metavar=('H', 'W'), default=None,
+                        help="export size (default: the model's input size)")
+    export.add_argument('--exporter', default='torchscript', choices=['torchscript', 'dynamo'],
+                        help="torch.onnx's TorchScript-based exporter (default) or dynamo=True (torch.export)")
+    export.add_argument('--opset', type=int, default=None, help="ONNX opset (default: the exporter's)")
+    export.add_argument('--output', required=True, help='.onnx file to write')
+    export.set_defaults(func=_cmd_export)
     return parser
 
 
@@ -226,9 +260,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     import flatten_timm  # noqa: F401  registers the models
     from .attention_maps import LayerChoiceError
     from .checkpoint import CheckpointError
+    from .export import ExportError
     try:
         return args.func(args)
-    except (CheckpointError, FileNotFoundError, LayerChoiceError) as e:
+    except (CheckpointError, ExportError, FileNotFoundError, LayerChoiceError) as e:
         print(f'flatten-timm {args.command}: error: {e}', file=sys.stderr)
         return 2
     except urllib.error.URLError as e:

@@ -3,8 +3,8 @@ from .focused_linear_attention import (
     FocusedLinearAttention, FocusedLinearAttention2d, focused_linear_attention, focusing_map, linear_attention,
     run_focused_linear_attention)
 from .grid_tokens import (
-    GridTableResizer, channels_last_to_tokens, map_to_tokens, pad_nhwc, resample_grid_tokens, tokens_to_channels_last,
-    tokens_to_map)
+    GridTableResizer, channels_last_to_tokens, map_to_tokens, merge_windows, pad_nhwc, partition_windows,
+    resample_grid_tokens, tokens_to_channels_last, tokens_to_map)
 from .softmax_attention import softmax_attention
 from .spatial_reduction import SpatialReduction, SpatialReductionAttention
 from .conv_embed import ConvEmbed

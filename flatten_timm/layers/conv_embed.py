@@ -4,6 +4,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import LayerNorm2d, register_notrace_module
 
+from .symbolic_shapes import is_exporting
+
 __all__ = ['ConvEmbed']
 
 
@@ -36,6 +38,6 @@ class ConvEmbed(nn.Module):
         if self.pad_to_stride:
             stride = self.proj.stride
             pad_h, pad_w = (-x.shape[-2]) % stride[0], (-x.shape[-1]) % stride[1]
-            if pad_h or pad_w:
+            if is_exporting() or pad_h or pad_w:
                 x = F.pad(x, (0, pad_w, 0, pad_h))
         return self.norm(self.proj(x))

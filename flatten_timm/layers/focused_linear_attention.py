@@ -17,6 +17,7 @@ from .grid_tokens import (
     GridTableResizer, channels_last_to_tokens, map_to_tokens, tokens_to_channels_last, tokens_to_map)
 from .attn_impl import SELECTOR, resolve_attn_impl, selection_key, triton_available
 from .spatial_reduction import SpatialReduction
+from .symbolic_shapes import is_exporting
 
 __all__ = ['FocusedLinearAttention', 'FocusedLinearAttention2d', 'focused_linear_attention', 'focusing_map',
            'linear_attention', 'run_focused_linear_attention']
@@ -90,7 +91,9 @@ def focused_linear_attention(
     compute = torch.promote_types(q.dtype, torch.float32)
     floor = floor.to(compute)
     # without autograd, powers and scalings overwrite their input: fewer allocations, fewer page faults
-    in_place = not torch.is_grad_enabled()
+    # (not in an exported graph, whose runtime plans its own buffers)
+    exporting = is_exporting()
+    in_place = not torch.is_grad_enabled() and not exporting
     overwrite_inputs = overwrite_inputs and in_place
 
     def powered(x):  # the kernel t, t**p, and the L2 norms over C of both
@@ -111,8 +114,9 @@ def focused_linear_attention(
     else:
         eps = 1e-6 * q_pow_norm / q_norm
     q_pow = q_pow.to(v.dtype)
-    if num_heads > 1 and B * N <= _BATCHED_HEADS_MAX_TOKENS:
-        # few tokens: one matmul over all heads beats a Python loop of small ops (the copies are small)
+    if exporting or (num_heads > 1 and B * N <= _BATCHED_HEADS_MAX_TOKENS):
+        # few tokens: one matmul over all heads beats a Python loop of small ops (the copies are small);
+        # an exported graph takes this path at every size (B and N are symbols there)
         k_heads = k_phi.reshape(B, n, num_heads, d).transpose(1, 2)
         kv = torch.matmul(k_heads.transpose(-2, -1), v.reshape(B, n, num_heads, d).transpose(1, 2))
         kv = torch.cat([kv, k_heads.sum(dim=-2).unsqueeze(-1)], dim=-1)
@@ -166,7 +170,7 @@ def run_focused_linear_attention(
 ) -> torch.Tensor:
     """`focused_linear_attention` by the implementation `attn_impl` selects ('auto', 'torch' or 'triton')."""
     args = (q, k, v, floor, focusing_factor, num_heads, residual)
-    if attn_impl == 'torch' or (attn_impl == 'auto' and (
+    if attn_impl == 'torch' or is_exporting() or (attn_impl == 'auto' and (
             q.device.type != 'cuda' or torch.compiler.is_compiling() or not triton_available(q.device))):
         return focused_linear_attention(*args, overwrite_inputs=overwrite_inputs)
     if attn_impl == 'triton':
@@ -280,9 +284,9 @@ class FocusedLinearAttention(nn.Module):
 
         Families that add more local terms of V (CSWin's LePE) extend this.
         """
-        B, n, C = v.shape
+        C = v.shape[-1]
         H, W = feat_size
-        if n != H * W:
+        if self.sr is not None:
             # keys were reduced: stretch V back to N tokens along the flattened token axis (as released)
             v = F.interpolate(v.transpose(1, 2), size=H * W, mode='linear').transpose(1, 2)
         weight = self.dwc.weight.repeat(self.num_heads, 1, 1, 1)  # one kernel shared by all heads
@@ -324,7 +328,7 @@ class FocusedLinearAttention(nn.Module):
             k, v = _kernel_projection(self.kv, x, inv_scale, 1).chunk(2, dim=-1)
         # q, k and the residual are this call's own buffers: without autograd they double as scratch space
         # (not under torch.compile, whose inductor plans its own buffers)
-        scratch = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        scratch = not torch.is_grad_enabled() and not torch.compiler.is_compiling() and not is_exporting()
         pe = (self.key_positional_encoding(key_size) * inv_scale).to(k.dtype)
         k = k.add_(pe) if scratch else k + pe
         x = run_focused_linear_attention(

@@ -5,7 +5,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['tokens_to_map', 'map_to_tokens', 'tokens_to_channels_last', 'channels_last_to_tokens', 'pad_nhwc',
+from .symbolic_shapes import is_exporting
+
+__all__ = ['tokens_to_map', 'map_to_tokens', 'tokens_to_channels_last', 'channels_last_to_tokens', 'pad_nhwc', 'partition_windows', 'merge_windows',
            'resample_grid_tokens', 'GridTableResizer']
 
 
@@ -39,13 +41,32 @@ def channels_last_to_tokens(x: torch.Tensor) -> torch.Tensor:
 
 def pad_nhwc(x: torch.Tensor, pad_h: int, pad_w: int) -> torch.Tensor:
     """Zero-pad a (B, H, W, C) map at the bottom and right; the map itself when there is nothing to pad
-    (F.pad copies even then)."""
-    return F.pad(x, (0, 0, 0, pad_w, 0, pad_h)) if pad_h or pad_w else x
+    (F.pad copies even then), unless a graph is being exported (the pads are symbols there)."""
+    return F.pad(x, (0, 0, 0, pad_w, 0, pad_h)) if is_exporting() or pad_h or pad_w else x
+
+
+def partition_windows(x: torch.Tensor, counts: Tuple[int, int], window: Tuple[int, int]) -> torch.Tensor:
+    """(B, counts[0] * window[0], counts[1] * window[1], C) map -> (B * count, window[0], window[1], C) windows.
+
+    Every size is given, none divided or inferred (-1): sizes may be symbolic while exporting, and
+    torch.export cannot prove such divisions exact for every input size.
+    """
+    B, C = x.shape[0], x.shape[-1]
+    x = x.reshape(B, counts[0], window[0], counts[1], window[1], C).transpose(2, 3)
+    return x.reshape(B * counts[0] * counts[1], window[0], window[1], C)
+
+
+def merge_windows(windows: torch.Tensor, batch: int, counts: Tuple[int, int], window: Tuple[int, int]) -> torch.Tensor:
+    """(batch * count, window[0], window[1], C) windows -> (batch, counts[0] * window[0], counts[1] * window[1], C)."""
+    C = windows.shape[-1]
+    x = windows.reshape(batch, counts[0], counts[1], window[0], window[1], C).transpose(2, 3)
+    return x.reshape(batch, counts[0] * window[0], counts[1] * window[1], C)
 
 
 def resample_grid_tokens(tokens: torch.Tensor, src_size: Tuple[int, int], dst_size: Tuple[int, int]) -> torch.Tensor:
-    """Bilinearly resize (1, h*w, C) tokens laid out on a src_size grid to dst_size."""
-    if tuple(src_size) == tuple(dst_size):
+    """Bilinearly resize (1, h*w, C) tokens laid out on a src_size grid to dst_size (which may be symbolic
+    while exporting: then the resize is always in the graph, an exact identity at src_size)."""
+    if not is_exporting() and tuple(src_size) == tuple(dst_size):
         return tokens
     grid = tokens_to_map(tokens, src_size)
     grid = F.interpolate(grid.float(), size=tuple(dst_size), mode='bilinear', align_corners=False)
@@ -67,6 +88,8 @@ class GridTableResizer:
         self._cache: Dict[Tuple[int, int], Tuple[int, torch.Tensor]] = {}
 
     def __call__(self, table: nn.Parameter, size: Tuple[int, int]) -> torch.Tensor:
+        if is_exporting():  # the size is a symbol of the graph: resize inside it, at every size
+            return resample_grid_tokens(table, self.grid_size, size)
         size = (int(size[0]), int(size[1]))
         if size == self.grid_size:
             return table

@@ -4,6 +4,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .symbolic_shapes import is_exporting
+
 __all__ = ['softmax_attention']
 
 # On CPU, for windows of at most this many keys (Swin's 7x7 and 12x12), an explicit matmul-softmax-matmul
@@ -21,9 +23,10 @@ def softmax_attention(
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + attn_bias) v for (..., N, d) q and (..., n, d) k, v; dropout on the weights.
 
-    `fused` (timm's use_fused_attn()) allows SDPA; it is used except for small windows on CPU.
+    `fused` (timm's use_fused_attn()) allows SDPA; it is used except for small windows on CPU, and in
+    exported graphs, where the window size is a symbol (explicit ops run in every ONNX runtime).
     """
-    if fused and not (q.device.type == 'cpu' and k.shape[-2] <= _CPU_EXPLICIT_MAX_KEYS):
+    if fused and not is_exporting() and not (q.device.type == 'cpu' and k.shape[-2] <= _CPU_EXPLICIT_MAX_KEYS):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout_p)
     attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
     if attn_bias is not None:

@@ -16,10 +16,11 @@ import torch
 import torch.nn as nn
 from timm.layers import DropPath, LayerNorm2d, Mlp, register_notrace_module, to_2tuple, use_fused_attn
 from timm.models import generate_default_cfgs, register_model
-from timm.models.swin_transformer import window_partition, window_reverse
 
 from flatten_timm.layers import (
-    ConvEmbed, FocusedLinearAttention, channels_last_to_tokens, pad_nhwc, softmax_attention, tokens_to_channels_last)
+    ConvEmbed, FocusedLinearAttention, channels_last_to_tokens, merge_windows, pad_nhwc, partition_windows,
+    softmax_attention, tokens_to_channels_last)
+from flatten_timm.layers.symbolic_shapes import size_min, tile_count
 from ._base import (
     FlattenModel, build_flatten_model, init_weights,
     PyramidStage, resolve_stage_args, stage_drop_path_rates, stage_reduction)
@@ -83,31 +84,33 @@ class CrossStripeAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def stripe(self, branch: int, feat_size: Size) -> Size:
+    def stripes(self, branch: int, feat_size: Size) -> Tuple[Size, Size]:
+        """Stripe count and stripe size of a branch: the full map, or full height (width) by split_size,
+        narrower where the map is (symbolic while exporting)."""
         H, W = feat_size
         if self.num_branches == 1:
-            return H, W
-        return (H, min(self.split_size, W)) if branch == 0 else (min(self.split_size, H), W)
+            return (1, 1), (H, W)
+        if branch == 0:
+            return (1, tile_count(W, self.split_size)), (H, size_min(self.split_size, W))
+        return (tile_count(H, self.split_size), 1), (size_min(self.split_size, H), W)
 
-    def _branch(self, q, k, v, stripe: Size, lepe: nn.Module, num_heads: int) -> torch.Tensor:
+    def _branch(self, q, k, v, counts: Size, stripe: Size, lepe: nn.Module, num_heads: int) -> torch.Tensor:
         """Attention within stripes of (B, H, W, C) maps; returns the (B, H, W, C) result."""
         B, H, W, C = q.shape
-        pad_h = (stripe[0] - H % stripe[0]) % stripe[0]
-        pad_w = (stripe[1] - W % stripe[1]) % stripe[1]
-        Hp, Wp = H + pad_h, W + pad_w
+        pad_h, pad_w = counts[0] * stripe[0] - H, counts[1] * stripe[1] - W
         n = stripe[0] * stripe[1]
 
         def to_heads(t: torch.Tensor) -> torch.Tensor:
-            t = window_partition(pad_nhwc(t, pad_h, pad_w), stripe)
+            t = partition_windows(pad_nhwc(t, pad_h, pad_w), counts, stripe)
             return t.reshape(-1, n, num_heads, C // num_heads).transpose(1, 2)
 
-        v_windows = window_partition(pad_nhwc(v, pad_h, pad_w), stripe)  # B', h, w, C
+        v_windows = partition_windows(pad_nhwc(v, pad_h, pad_w), counts, stripe)  # B', h, w, C
         v_lepe = lepe(v_windows.permute(0, 3, 1, 2)).reshape(-1, num_heads, C // num_heads, n).transpose(-2, -1)
         q, k = to_heads(q), to_heads(k)
         v = v_windows.reshape(-1, n, num_heads, C // num_heads).transpose(1, 2)
         x = softmax_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0., fused=self.fused_attn)
-        x = (x + v_lepe).transpose(1, 2).reshape(-1, stripe[0], stripe[1], C)
-        return window_reverse(x, stripe, Hp, Wp)[:, :H, :W]
+        x = (x + v_lepe).transpose(1, 2).reshape(B * counts[0] * counts[1], stripe[0], stripe[1], C)
+        return merge_windows(x, B, counts, stripe)[:, :H, :W]
 
     def forward(self, x: torch.Tensor, feat_size: Size) -> torch.Tensor:
         B, N, C = x.shape
@@ -116,7 +119,7 @@ class CrossStripeAttention(nn.Module):
         outs = []
         for b, (qb, kb, vb) in enumerate(zip(q.chunk(self.num_branches, -1), k.chunk(self.num_branches, -1),
                                              v.chunk(self.num_branches, -1))):
-            outs.append(self._branch(qb, kb, vb, self.stripe(b, feat_size), self.lepe[b], heads))
+            outs.append(self._branch(qb, kb, vb, *self.stripes(b, feat_size), self.lepe[b], heads))
         x = torch.cat(outs, dim=-1).reshape(B, N, C)
         return self.proj_drop(self.proj(x))
 

@@ -17,9 +17,10 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 from timm.layers import DropPath, Mlp, PatchEmbed, register_notrace_module, to_2tuple, trunc_normal_, use_fused_attn
 from timm.models import generate_default_cfgs, register_model
-from timm.models.swin_transformer import PatchMerging, window_partition, window_reverse
+from timm.models.swin_transformer import PatchMerging
 
-from flatten_timm.layers import FocusedLinearAttention, pad_nhwc, softmax_attention
+from flatten_timm.layers import FocusedLinearAttention, merge_windows, pad_nhwc, partition_windows, softmax_attention
+from flatten_timm.layers.symbolic_shapes import is_exporting, roll_hw, size_gt, size_min, tile_count
 from ._base import (
     FlattenModel, build_flatten_model, init_weights, resolve_stage_args, stage_drop_path_rates, stage_reduction)
 from ._convert import fit_state_dict_to_model, rename_keys, unwrap_state_dict
@@ -38,21 +39,24 @@ def relative_position_index(window: Size, table_window: Size, device=None) -> to
     return (rel[0] + table_window[0] - 1) * (2 * table_window[1] - 1) + (rel[1] + table_window[1] - 1)
 
 
-def shifted_window_mask(padded_size: Size, window: Size, shift: Size, device=None) -> torch.Tensor:
-    """(num_windows, N, N) additive mask that keeps a shifted window from attending across the roll seam."""
-    def regions(w: int, s: int):
-        return (slice(0, -w), slice(-w, -s), slice(-s, None)) if s else (slice(None),)
+def shifted_window_mask(counts: Size, window: Size, shift: Size, device=None) -> torch.Tensor:
+    """(num_windows, N, N) additive mask that keeps a shifted window from attending across the roll seam.
 
-    img_mask = torch.zeros(1, padded_size[0], padded_size[1], 1, device=device)
-    region = 0
-    for h in regions(window[0], shift[0]):
-        for w in regions(window[1], shift[1]):
-            img_mask[:, h, w, :] = region
-            region += 1
-    windows = window_partition(img_mask, window).reshape(-1, window[0] * window[1])
-    mask = windows.unsqueeze(1) - windows.unsqueeze(2)
+    Over a map of counts x window, rows (and columns) fall in three regions: before the last window, in
+    it before the seam, after the seam; tokens attend only within their region. Sizes may be symbolic
+    (an exported graph builds the mask at every size; with no shift the mask is all zero).
+    """
+    def regions(count, w, s):
+        size = count * w
+        i = torch.arange(size, device=device)
+        return (i >= size - w).long() + (i >= size - s).long()
+
+    region = regions(counts[0], window[0], shift[0]).unsqueeze(1) * 3 + regions(
+        counts[1], window[1], shift[1]).unsqueeze(0)
+    windows = partition_windows(region.reshape(1, counts[0] * window[0], counts[1] * window[1], 1), counts, window)
+    windows = windows.reshape(counts[0] * counts[1], window[0] * window[1])
     # -100 rather than -inf, as the released models were trained with it
-    return mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
+    return (windows.unsqueeze(1) != windows.unsqueeze(2)).float() * -100.0
 
 
 class WindowAttention(nn.Module):
@@ -87,7 +91,9 @@ class WindowAttention(nn.Module):
         self._index_cache: Dict[tuple, torch.Tensor] = {}
 
     def relative_position_bias(self, window: Size) -> torch.Tensor:
-        if tuple(window) == self.window_size:
+        if is_exporting():  # the window may be a symbol of the graph: index the table inside it
+            index = relative_position_index(window, self.window_size, device=self.relative_position_index.device)
+        elif tuple(window) == self.window_size:
             index = self.relative_position_index
         else:  # a smaller window (small feature map) reads the part of the table it covers
             device = self.relative_position_index.device
@@ -96,7 +102,7 @@ class WindowAttention(nn.Module):
                 index = relative_position_index(window, self.window_size, device=device)
                 self._index_cache[(tuple(window), device)] = index
         n = window[0] * window[1]
-        return self.relative_position_bias_table[index.reshape(-1)].reshape(n, n, -1).permute(2, 0, 1)
+        return self.relative_position_bias_table[index.reshape(n * n)].reshape(n, n, self.num_heads).permute(2, 0, 1)
 
     def forward(self, x: torch.Tensor, window: Size, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         B_, N, C = x.shape
@@ -140,7 +146,7 @@ class FlattenSwinBlock(nn.Module):
         self.target_window = to_2tuple(window_size)
         self.target_shift = tuple(w // 2 for w in self.target_window) if shift else (0, 0)
         # the window the weights were trained with: a map no larger than the window is one window, unshifted
-        window, _ = self.window_and_shift(grid_size)
+        _, window, _ = self.window_and_shift(grid_size)
         self.norm1 = norm_layer(dim, **dd)
         self.linear = attn_type == 'L'
         if attn_type == 'L':
@@ -158,40 +164,46 @@ class FlattenSwinBlock(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self._mask_cache: Dict[tuple, torch.Tensor] = {}
 
-    def window_and_shift(self, feat_size: Size) -> Tuple[Size, Size]:
-        window = tuple(f if f <= w else w for f, w in zip(feat_size, self.target_window))
-        shift = tuple(0 if f <= w else s for f, w, s in zip(feat_size, self.target_window, self.target_shift))
-        return window, shift
+    def window_and_shift(self, feat_size: Size) -> Tuple[Size, Size, Size]:
+        """Window count, window and shift for a map: windows of min(map, target window), none shifted where
+        one covers the map. Symbolic while exporting (formulas without branches)."""
+        counts = tuple(tile_count(f, w) for f, w in zip(feat_size, self.target_window))
+        window = tuple(size_min(f, w) for f, w in zip(feat_size, self.target_window))
+        shift = tuple(s * size_gt(f, w) for f, w, s in zip(feat_size, self.target_window, self.target_shift))
+        return counts, window, shift
 
-    def _shift_mask(self, padded_size: Size, window: Size, shift: Size, device) -> torch.Tensor:
-        key = (padded_size, window, shift, device)
+    def _shift_mask(self, counts: Size, window: Size, shift: Size, device) -> torch.Tensor:
+        key = (counts, window, shift, device)
         if key not in self._mask_cache:
-            self._mask_cache[key] = shifted_window_mask(padded_size, window, shift, device=device)
+            self._mask_cache[key] = shifted_window_mask(counts, window, shift, device=device)
         return self._mask_cache[key]
 
     def _attn(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
-        window, shift = self.window_and_shift((H, W))
-        if window == (H, W):  # one window over the whole map (linear stages at the training size): no copies
+        counts, window, shift = self.window_and_shift((H, W))
+        # an exported graph takes the general path at every size (the window and shift are symbols there)
+        exporting = is_exporting()
+        if not exporting and window == (H, W):  # one window over the whole map: no copies
             return self.attn(x.reshape(B, H * W, C), window).reshape(B, H, W, C)
-        has_shift = any(shift)
+        has_shift = exporting or any(shift)
         if has_shift:
-            x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
-        pad_h = (window[0] - H % window[0]) % window[0]
-        pad_w = (window[1] - W % window[1]) % window[1]
-        x = pad_nhwc(x, pad_h, pad_w)
-        Hp, Wp = H + pad_h, W + pad_w
+            x = roll_hw(x, shift, back=True)
+        x = pad_nhwc(x, counts[0] * window[0] - H, counts[1] * window[1] - W)
 
-        windows = window_partition(x, window).reshape(-1, window[0] * window[1], C)
+        num_windows = B * counts[0] * counts[1]
+        windows = partition_windows(x, counts, window).reshape(num_windows, window[0] * window[1], C)
         if self.linear:
             # as released, linear windows are not masked after the shift
             windows = self.attn(windows, window)
         else:
-            mask = self._shift_mask((Hp, Wp), window, shift, x.device) if has_shift else None
+            if exporting:
+                mask = shifted_window_mask(counts, window, shift, device=x.device)
+            else:
+                mask = self._shift_mask(counts, window, shift, x.device) if has_shift else None
             windows = self.attn(windows, window, mask=mask)
-        x = window_reverse(windows.reshape(-1, window[0], window[1], C), window, Hp, Wp)[:, :H, :W]
+        x = merge_windows(windows.reshape(num_windows, window[0], window[1], C), B, counts, window)[:, :H, :W]
         if has_shift:
-            x = torch.roll(x, shifts=shift, dims=(1, 2))
+            x = roll_hw(x, shift)
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

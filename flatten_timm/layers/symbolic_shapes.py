@@ -1,0 +1,62 @@
+""" Shape arithmetic that stays in the graph while a model is exported (ONNX, torch.export, jit.trace).
+
+In eager mode sizes are Python ints and the models take shape-dependent shortcuts (a window that
+covers the map needs no partition, nothing to pad needs no pad). While a graph is recorded, sizes
+are symbols (0-dim tensors under tracing, SymInts under torch.export): every such choice must then be
+made by graph ops, or the graph is right only at the size it was recorded at. These helpers compute
+on all three kinds, and `is_exporting()` tells the models to take their shortcut-free path.
+"""
+from typing import Sequence
+
+import torch
+
+__all__ = ['is_exporting', 'size_min', 'size_max', 'size_gt', 'roll_hw', 'tile_count']
+
+
+def is_exporting() -> bool:
+    """True while torch.onnx, torch.export or torch.jit.trace records a graph."""
+    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.compiler.is_exporting()
+
+
+def size_min(a, b):
+    """min() of two sizes, kept symbolic."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return torch.minimum(torch.as_tensor(a), torch.as_tensor(b))
+    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
+        return torch.sym_min(a, b)
+    return min(a, b)
+
+
+def size_max(a, b):
+    """max() of two sizes, kept symbolic."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return torch.maximum(torch.as_tensor(a), torch.as_tensor(b))
+    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
+        return torch.sym_max(a, b)
+    return max(a, b)
+
+
+def size_gt(a, b):
+    """1 if size a > size b else 0, as a size (a condition that multiplies instead of branching)."""
+    return size_min(size_max(a - b, 0), 1)
+
+
+def tile_count(size, tile: int):
+    """How many tiles of at most `tile` cover `size`: ceil(size / tile), 1 when size <= tile (the tile
+    then shrinks to the size). A floor-division by a constant, which stays cheap for torch.export."""
+    return (size + tile - 1) // tile
+
+
+def roll_hw(x: torch.Tensor, shifts: Sequence, back: bool = False) -> torch.Tensor:
+    """torch.roll of a (B, H, W, C) map by 0 <= shift <= size over H and W (by -shift if `back`).
+
+    Shifts may be symbolic while exporting: torch.roll needs constants there, so the roll is two
+    slices and a concat (without a modulo, which keeps the shape formulas small).
+    """
+    if not is_exporting():
+        return torch.roll(x, shifts=tuple(-s for s in shifts) if back else tuple(shifts), dims=(1, 2))
+    for dim, shift in zip((1, 2), shifts):
+        split = shift if back else x.shape[dim] - shift  # the first output row is input row `split`
+        head, tail = (x[:, :split], x[:, split:]) if dim == 1 else (x[:, :, :split], x[:, :, split:])
+        x = torch.cat([tail, head], dim=dim)
+    return x

@@ -1,0 +1,1 @@
+""" Bridges to detection and segmentation frameworks (optional dependencies, imported on use)."""

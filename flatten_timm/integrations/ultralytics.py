@@ -1,0 +1,132 @@
+""" FocusedLinearAttention2d and C2fFocusedAttention as layers of Ultralytics model YAMLs.
+
+    from flatten_timm.integrations.ultralytics import register
+    register()
+    model = YOLO('configs/yolo/yolov8n-fla-p5.yaml')   # the scale letter picks n/s/m/l/x
+
+`register()` wraps Ultralytics' `parse_model` (nothing in Ultralytics is edited or re-executed). Rows
+naming these layers are built by Ultralytics as the stand-ins whose channel rules they share, so
+channels, widths and repeats follow the YAML's `scales` exactly as for Ultralytics' own layers, then
+replaced by the real layers:
+
+- `[from, n, FocusedLinearAttention2d, [num_heads]]`: attention on the map it follows, channels kept
+  (Ultralytics' rule for layers it does not know); n > 1 stacks n of them.
+- `[from, n, C2fFocusedAttention, [c2, num_heads]]`: C2f's rule (input channels from the layer it
+  follows, c2 scaled by width and capped by max_channels, n scaled by depth).
+
+num_heads (optional) is lowered to the nearest count that divides the channels (default: one head per
+64 channels). The key positional encoding is learned at the map size of a 640 input (P5: 20x20) and
+resized to the map in use, so any imgsz and non-square images work.
+
+Ultralytics is AGPL-3.0; it is an optional dependency (`pip install "flatten-timm[yolo]"`).
+"""
+import copy
+from typing import Dict, List, Tuple
+
+import torch
+import torch.nn as nn
+
+from flatten_timm.detection import C2fFocusedAttention
+from flatten_timm.layers import FocusedLinearAttention2d
+
+__all__ = ['SUPPORTED_VERSIONS', 'UnsupportedUltralyticsVersion', 'register', 'is_registered']
+
+SUPPORTED_VERSIONS = ('8.3', '8.4')  # release series whose parse_model contract this relies on
+TRAIN_SIZE = 640  # the image size the positional encodings are learned at
+_STAND_INS = {'FocusedLinearAttention2d': 'nn.Identity', 'C2fFocusedAttention': 'C2f'}
+
+
+class UnsupportedUltralyticsVersion(RuntimeError):
+    pass
+
+
+def _check_version(version: str):
+    if '.'.join(version.split('.')[:2]) not in SUPPORTED_VERSIONS:
+        raise UnsupportedUltralyticsVersion(
+            f'flatten_timm supports Ultralytics {", ".join(v + ".x" for v in SUPPORTED_VERSIONS)}; '
+            f'ultralytics {version} is installed. Install a supported release, e.g. pip install "ultralytics<8.5"')
+
+
+def _num_heads(channels: int, requested=None) -> int:
+    heads = max(1, int(requested) if requested else channels // 64)
+    while channels % heads:
+        heads -= 1
+    return heads
+
+
+def _probe(model: nn.Sequential, ch: int, rows: List[int]) -> Dict[int, Tuple[int, int]]:
+    """(input channels, stride) of the given layers, from a forward of a small zero image through the
+    layers before them, routed as Ultralytics routes them (`layer.f`)."""
+    size, found, outputs = 64, {}, []
+    was_training = model.training
+    model.eval()
+    x = torch.zeros(1, ch, size, size)
+    with torch.no_grad():
+        for layer in model:
+            if layer.f != -1:
+                x = outputs[layer.f] if isinstance(layer.f, int) else [x if j == -1 else outputs[j] for j in layer.f]
+            if layer.i in rows:
+                found[layer.i] = (x.shape[1], size // x.shape[-1])
+                if len(found) == len(rows):
+                    break
+            x = layer(x)
+            outputs.append(x)
+    model.train(was_training)
+    return found
+
+
+def _real_layer(name: str, stand_in: nn.Module, extra_args: list, channels: int, stride: int) -> nn.Module:
+    grid = (max(1, TRAIN_SIZE // stride),) * 2
+    num_heads = extra_args[0] if extra_args else None
+    if name == 'FocusedLinearAttention2d':
+        count = len(stand_in) if isinstance(stand_in, nn.Sequential) else 1
+        layers = [FocusedLinearAttention2d(channels, num_heads=_num_heads(channels, num_heads), grid_size=grid)
+                  for _ in range(count)]
+        return layers[0] if count == 1 else nn.Sequential(*layers)
+    c1, c2, n = stand_in.cv1.conv.in_channels, stand_in.cv2.conv.out_channels, len(stand_in.m)
+    hidden = int(c2 * 0.5)
+    return C2fFocusedAttention(c1, c2, n=n, num_heads=_num_heads(hidden, num_heads), grid_size=grid)
+
+
+def _wrap(parse_model):
+    def parse_model_with_flatten_layers(d, ch, verbose=True):
+        d = copy.deepcopy(d)
+        ours = {}
+        for i, row in enumerate(d['backbone'] + d['head']):
+            name = row[2]
+            if name in _STAND_INS:
+                args = list(row[3])
+                if name == 'C2fFocusedAttention':
+                    ours[i] = (name, args[1:])
+                    row[3] = args[:1]
+                else:
+                    ours[i] = (name, args)
+                    row[3] = []
+                row[2] = _STAND_INS[name]
+        model, save = parse_model(d, ch, verbose=verbose)
+        if ours:
+            probed = _probe(model, ch, sorted(ours))
+            for i, (name, extra_args) in ours.items():
+                stand_in = model[i]
+                layer = _real_layer(name, stand_in, extra_args, *probed[i])
+                layer.i, layer.f, layer.type = stand_in.i, stand_in.f, f'flatten_timm.{name}'
+                layer.np = sum(p.numel() for p in layer.parameters())
+                model[i] = layer
+        return model, save
+
+    parse_model_with_flatten_layers.flatten_timm_wrapped = parse_model
+    return parse_model_with_flatten_layers
+
+
+def is_registered() -> bool:
+    from ultralytics.nn import tasks
+    return hasattr(tasks.parse_model, 'flatten_timm_wrapped')
+
+
+def register():
+    """Make FocusedLinearAttention2d and C2fFocusedAttention usable in Ultralytics model YAMLs (idempotent)."""
+    import ultralytics
+    _check_version(ultralytics.__version__)
+    from ultralytics.nn import tasks
+    if not is_registered():
+        tasks.parse_model = _wrap(tasks.parse_model)

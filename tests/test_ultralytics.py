@@ -1,0 +1,145 @@
+""" Ultralytics: the configs/yolo YAMLs build at every scale, train one epoch, reload in a fresh process."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ultralytics = pytest.importorskip('ultralytics')
+from flatten_timm.detection import C2fFocusedAttention  # noqa: E402
+from flatten_timm.integrations import ultralytics as flatten_ultralytics  # noqa: E402
+from flatten_timm.layers import FocusedLinearAttention2d  # noqa: E402
+
+CONFIGS = Path(__file__).resolve().parents[1] / 'configs' / 'yolo'
+WIDTH = {  # scale -> (depth, width, max_channels), as in the YAMLs
+    'yolov8': {'n': (0.33, 0.25, 1024), 's': (0.33, 0.50, 1024), 'm': (0.67, 0.75, 768)},
+    'yolo11': {'n': (0.50, 0.25, 1024), 's': (0.50, 0.50, 1024), 'm': (0.50, 1.00, 512)},
+}
+
+
+@pytest.fixture(scope='module', autouse=True)
+def registered():
+    flatten_ultralytics.register()
+
+
+def _yaml(family: str, scale: str, variant: str) -> str:
+    return str(CONFIGS / f'{family}{scale}-{variant}.yaml')
+
+
+def _scaled(channels: int, scale) -> int:
+    depth, width, max_channels = scale
+    return int(np.ceil(min(channels, max_channels) * width / 8) * 8)
+
+
+def _layers(model, cls):
+    return {i: m for i, m in enumerate(model.model.model) if isinstance(m, cls)}
+
+
+@pytest.mark.parametrize('family', ['yolov8', 'yolo11'])
+@pytest.mark.parametrize('scale', ['n', 's', 'm'])
+def test_attention_after_p5_builds_at_every_scale(family, scale):
+    from ultralytics import YOLO
+    model = YOLO(_yaml(family, scale, 'fla-p5'))
+    (index, attn), = _layers(model, FocusedLinearAttention2d).items()
+    channels = _scaled(1024, WIDTH[family][scale])
+    assert index == 10 and attn.dim == channels and channels % attn.num_heads == 0
+    assert attn.num_heads == 8 and attn.key_grid_size == (20, 20)  # P5 of a 640 image
+
+
+@pytest.mark.parametrize('family', ['yolov8', 'yolo11'])
+@pytest.mark.parametrize('scale', ['n', 's', 'm'])
+def test_neck_blocks_build_at_every_scale(family, scale):
+    from ultralytics import YOLO
+    model = YOLO(_yaml(family, scale, 'c2f-fla'))
+    blocks = _layers(model, C2fFocusedAttention)
+    depth = WIDTH[family][scale][0]
+    repeats = max(round((3 if family == 'yolov8' else 2) * depth), 1)
+    first = 12 if family == 'yolov8' else 13
+    assert sorted(blocks) == [first, first + 3, first + 6, first + 9]
+    for index, c2 in zip(sorted(blocks), (512, 256, 512, 1024)):
+        block = blocks[index]
+        assert block.conv_out.conv.out_channels == _scaled(c2, WIDTH[family][scale])
+        assert len(block.blocks) == repeats
+        attn = block.blocks[0].attn
+        assert attn.dim % attn.num_heads == 0
+    # the P3 block learns its positional encoding at the P3 map of a 640 image
+    assert blocks[first + 3].blocks[0].attn.key_grid_size == (80, 80)
+
+
+@pytest.mark.parametrize('name', ['yolov8n-fla-p5', 'yolov8n-c2f-fla', 'yolo11n-fla-p5', 'yolo11n-c2f-fla',
+                                  'rtdetr-l-fla'])
+def test_detection_outputs_at_640_and_non_square(name):
+    from ultralytics import RTDETR, YOLO
+    model = (RTDETR if name.startswith('rtdetr') else YOLO)(str(CONFIGS / f'{name}.yaml')).model.eval()
+    for size, anchors in (((640, 640), 8400), ((480, 800), 7875)):
+        with torch.no_grad():
+            out = model(torch.zeros(1, 3, *size))
+        out = out[0] if isinstance(out, (list, tuple)) else out
+        if name.startswith('rtdetr'):
+            assert out.shape == (1, 300, 6)  # 300 queries: box (x1, y1, x2, y2), score, class
+        else:
+            assert out.shape == (1, 4 + 80, anchors)  # boxes and class scores per anchor
+        assert torch.isfinite(out).all()
+
+
+def test_register_is_idempotent():
+    from ultralytics.nn import tasks
+    flatten_ultralytics.register()
+    wrapped = tasks.parse_model
+    flatten_ultralytics.register()
+    assert tasks.parse_model is wrapped and flatten_ultralytics.is_registered()
+    assert not hasattr(wrapped.flatten_timm_wrapped, 'flatten_timm_wrapped')  # wrapped once
+
+
+def test_unsupported_version_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(ultralytics, '__version__', '9.1.0')
+    with pytest.raises(flatten_ultralytics.UnsupportedUltralyticsVersion,
+                       match=r'supports Ultralytics 8\.3\.x, 8\.4\.x; ultralytics 9\.1\.0 is installed'):
+        flatten_ultralytics.register()
+
+
+def write_tiny_yolo_dataset(root: Path, images: int = 4) -> Path:
+    """A few 64x96 PNGs with coloured boxes of two classes, YOLO-format labels, and data.yaml."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split in ('train', 'val'):
+        (root / 'images' / split).mkdir(parents=True)
+        (root / 'labels' / split).mkdir(parents=True)
+        for i in range(images):
+            image, lines = np.full((64, 96, 3), 40, np.uint8), []
+            for _ in range(2):
+                w, h = rng.integers(12, 30, 2)
+                x, y, cls = rng.integers(0, 96 - w), rng.integers(0, 64 - h), int(rng.integers(0, 2))
+                image[y:y + h, x:x + w] = (220, 60, 60) if cls == 0 else (60, 220, 60)
+                lines.append(f'{cls} {(x + w / 2) / 96:.4f} {(y + h / 2) / 64:.4f} {w / 96:.4f} {h / 64:.4f}')
+            Image.fromarray(image).save(root / 'images' / split / f'{i}.png')
+            (root / 'labels' / split / f'{i}.txt').write_text('\n'.join(lines) + '\n')
+    data = root / 'data.yaml'
+    data.write_text(f'path: {root}\ntrain: images/train\nval: images/val\nnames:\n  0: red\n  1: green\n')
+    return data
+
+
+def test_train_one_epoch_then_reload_in_a_fresh_process(tmp_path):
+    from ultralytics import YOLO
+    data = write_tiny_yolo_dataset(tmp_path / 'data')
+    model = YOLO(_yaml('yolov8', 'n', 'c2f-fla'))
+    model.train(data=str(data), epochs=1, imgsz=64, batch=4, device='cpu', workers=0, plots=False, amp=False,
+                project=str(tmp_path / 'runs'), name='fla', exist_ok=True, verbose=False)
+    losses = model.trainer.tloss
+    losses = list(losses.values()) if isinstance(losses, dict) else list(losses)
+    assert all(torch.isfinite(torch.as_tensor(v)).all() for v in losses)
+    best = Path(model.trainer.best)
+    assert best.exists()
+    script = (
+        'import numpy as np\n'
+        'from flatten_timm.integrations.ultralytics import register\n'
+        'register()\n'
+        'from ultralytics import YOLO\n'
+        f'model = YOLO({str(best)!r})\n'
+        'result = model.predict(np.zeros((48, 80, 3), np.uint8), imgsz=(64, 96), device="cpu", verbose=False)[0]\n'
+        'print(type(model.model.model[12]).__name__, result.orig_shape, tuple(result.boxes.data.shape[1:]))\n')
+    out = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == 'C2fFocusedAttention (48, 80) (6,)'

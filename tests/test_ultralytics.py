@@ -121,25 +121,32 @@ def write_tiny_yolo_dataset(root: Path, images: int = 4) -> Path:
     return data
 
 
-def test_train_one_epoch_then_reload_in_a_fresh_process(tmp_path):
-    from ultralytics import YOLO
+@pytest.mark.parametrize('name', ['yolov8n-fla-p5', 'yolov8n-c2f-fla', 'yolo11n-fla-p5', 'yolo11n-c2f-fla',
+                                  'rtdetr-l-fla'])
+def test_train_one_epoch_then_reload_in_a_fresh_process(tmp_path, name):
+    from ultralytics import RTDETR, YOLO
     data = write_tiny_yolo_dataset(tmp_path / 'data')
-    model = YOLO(_yaml('yolov8', 'n', 'c2f-fla'))
+    model_cls = RTDETR if name.startswith('rtdetr') else YOLO
+    model = model_cls(str(CONFIGS / f'{name}.yaml'))
+    ours = sorted({type(m).__name__ for m in model.model.modules()
+                   if isinstance(m, (FocusedLinearAttention2d, C2fFocusedAttention))})
     model.train(data=str(data), epochs=1, imgsz=64, batch=4, device='cpu', workers=0, plots=False, amp=False,
                 project=str(tmp_path / 'runs'), name='fla', exist_ok=True, verbose=False)
     losses = model.trainer.tloss
     losses = list(losses.values()) if isinstance(losses, dict) else list(losses)
-    assert all(torch.isfinite(torch.as_tensor(v)).all() for v in losses)
+    assert losses and all(torch.isfinite(torch.as_tensor(v)).all() for v in losses)
     best = Path(model.trainer.best)
     assert best.exists()
     script = (
         'import numpy as np\n'
         'from flatten_timm.integrations.ultralytics import register\n'
         'register()\n'
-        'from ultralytics import YOLO\n'
-        f'model = YOLO({str(best)!r})\n'
+        f'from ultralytics import {model_cls.__name__} as Model\n'
+        f'model = Model({str(best)!r})\n'
         'result = model.predict(np.zeros((48, 80, 3), np.uint8), imgsz=(64, 96), device="cpu", verbose=False)[0]\n'
-        'print(type(model.model.model[12]).__name__, result.orig_shape, tuple(result.boxes.data.shape[1:]))\n')
+        'names = sorted({type(m).__name__ for m in model.model.modules()\n'
+        '                if type(m).__name__ in ("FocusedLinearAttention2d", "C2fFocusedAttention")})\n'
+        'print(names, result.orig_shape, tuple(result.boxes.data.shape[1:]))\n')
     out = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip().splitlines()[-1] == 'C2fFocusedAttention (48, 80) (6,)'
+    assert out.stdout.strip().splitlines()[-1] == f'{ours} (48, 80) (6,)'

@@ -129,8 +129,8 @@ def export_onnx(
         if fixed:
             output.unlink()
             raise ExportError(
-                f'the {exporter} exporter fixed the {", ".join(fixed)} of this model, so the graph would only run '
-                f'at the export size (torch.export cannot prove its window arithmetic for every size); '
+                f'the {exporter} exporter fixed the {", ".join(fixed)} of this model (torch.export could not prove '
+                f'its shape arithmetic for every size), so the graph would only run at the export size; '
                 f"export it with exporter='torchscript' (--exporter torchscript)")
     return output
 

@@ -10,12 +10,20 @@ from typing import Sequence
 
 import torch
 
-__all__ = ['is_exporting', 'size_min', 'size_max', 'size_gt', 'roll_hw', 'tile_count']
+__all__ = ['is_exporting', 'fresh_size', 'size_min', 'size_max', 'size_gt', 'roll_hw', 'tile_count']
 
 
 def is_exporting() -> bool:
     """True while torch.onnx, torch.export or torch.jit.trace records a graph."""
     return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.compiler.is_exporting()
+
+
+def fresh_size(value):
+    """Under torch.export: a size as a new symbol, its formula forgotten (the item of a 0-dim tensor). Checks
+    on it are then assumed, not proven for every input size; state the facts they need with torch._check."""
+    size = torch.scalar_tensor(value, dtype=torch.long).item()
+    torch._check(size >= 0)
+    return size
 
 
 def size_min(a, b):

@@ -20,7 +20,7 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models.swin_transformer import PatchMerging
 
 from flatten_timm.layers import FocusedLinearAttention, merge_windows, pad_nhwc, partition_windows, softmax_attention
-from flatten_timm.layers.symbolic_shapes import is_exporting, roll_hw, size_gt, size_min, tile_count
+from flatten_timm.layers.symbolic_shapes import fresh_size, is_exporting, roll_hw, size_gt, size_min, tile_count
 from ._base import (
     FlattenModel, build_flatten_model, init_weights, resolve_stage_args, stage_drop_path_rates, stage_reduction)
 from ._convert import fit_state_dict_to_model, rename_keys, unwrap_state_dict
@@ -57,6 +57,20 @@ def shifted_window_mask(counts: Size, window: Size, shift: Size, device=None) ->
     windows = windows.reshape(counts[0] * counts[1], window[0] * window[1])
     # -100 rather than -inf, as the released models were trained with it
     return (windows.unsqueeze(1) != windows.unsqueeze(2)).float() * -100.0
+
+
+def _fresh_window_sizes(feat_size: Size, counts: Size, window: Size, shift: Size):
+    """Under torch.export: counts, windows and shifts as fresh size symbols, with the facts the later shape
+    checks need. Their min/ceil formulas would make torch.export prove bounds it cannot, and fix the size."""
+    counts, window, shift = (tuple(fresh_size(v) for v in sizes) for sizes in (counts, window, shift))
+    for f, c, w, s in zip(feat_size, counts, window, shift):
+        torch._check(c >= 1)
+        torch._check(w >= 1)
+        torch._check(w <= f)
+        torch._check(c * w >= f)  # the padded map covers the map,
+        torch._check(c * w - f < w)  # by less than one window
+        torch._check(s < f)
+    return counts, window, shift
 
 
 class WindowAttention(nn.Module):
@@ -185,6 +199,8 @@ class FlattenSwinBlock(nn.Module):
         exporting = is_exporting()
         if not exporting and window == (H, W):  # one window over the whole map: no copies
             return self.attn(x.reshape(B, H * W, C), window).reshape(B, H, W, C)
+        if torch.compiler.is_exporting():
+            counts, window, shift = _fresh_window_sizes((H, W), counts, window, shift)
         has_shift = exporting or any(shift)
         if has_shift:
             x = roll_hw(x, shift, back=True)

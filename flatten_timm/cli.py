@@ -64,8 +64,9 @@ def _read_image(path: str):
     from PIL import Image, UnidentifiedImageError
     try:
         return Image.open(path).convert('RGB')
-    except (UnidentifiedImageError, OSError) as e:
-        raise SystemExit(f'cannot read image {path}: {e}')
+    # ImportError: with Ultralytics imported, Image.open retries undecodable files with an optional HEIF plugin
+    except (UnidentifiedImageError, OSError, ImportError) as e:
+        raise SystemExit(f'cannot read image {path}: not an image file Pillow can decode ({e})')
 
 
 def _data_config(model) -> dict:

@@ -150,3 +150,12 @@ def test_train_one_epoch_then_reload_in_a_fresh_process(tmp_path, name):
     out = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == f'{ours} (48, 80) (6,)'
+
+
+def test_corrupt_image_is_a_clear_error_with_ultralytics_imported(tmp_path):
+    # Ultralytics patches PIL.Image.open to retry undecodable files with an optional HEIF plugin (ImportError)
+    from ultralytics import YOLO  # noqa: F401
+    from flatten_timm.cli import main
+    (tmp_path / 'bad.png').write_text('not an image')
+    with pytest.raises(SystemExit, match='cannot read image .*not an image file Pillow can decode'):
+        main(['predict', '--model', 'flatten_pvt_v2_b0', str(tmp_path / 'bad.png')])

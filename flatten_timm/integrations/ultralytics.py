@@ -112,6 +112,11 @@ def _wrap(parse_model):
                 layer.i, layer.f, layer.type = stand_in.i, stand_in.f, f'flatten_timm.{name}'
                 layer.np = sum(p.numel() for p in layer.parameters())
                 model[i] = layer
+                if verbose:  # Ultralytics' table above names the stand-in built for this row
+                    from ultralytics.utils import LOGGER
+                    LOGGER.info(f'{i:>3} flatten_timm: {name} ({layer.np} params) replaces the '
+                                f'{type(stand_in).__name__} stand-in, input channels {probed[i][0]}, '
+                                f'stride {probed[i][1]}')
         return model, save
 
     parse_model_with_flatten_layers.flatten_timm_wrapped = parse_model

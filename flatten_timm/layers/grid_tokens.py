@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 from .symbolic_shapes import is_exporting
 
-__all__ = ['tokens_to_map', 'map_to_tokens', 'tokens_to_channels_last', 'channels_last_to_tokens', 'pad_nhwc', 'partition_windows', 'merge_windows',
-           'resample_grid_tokens', 'GridTableResizer']
+__all__ = ['tokens_to_map', 'map_to_tokens', 'tokens_to_channels_last', 'channels_last_to_tokens', 'pad_nhwc',
+           'partition_windows', 'merge_windows', 'resample_grid_tokens', 'GridTableResizer']
 
 
 def tokens_to_map(x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:

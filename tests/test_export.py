@@ -3,7 +3,6 @@ import warnings
 
 import pytest
 import timm
-import torch
 
 pytest.importorskip('onnxruntime')
 from flatten_timm.cli import main  # noqa: E402

@@ -1,5 +1,4 @@
 """ transformers RT-DETR and segmentation_models_pytorch on flatten backbones, and the README's framework snippets."""
-import os
 import re
 from pathlib import Path
 

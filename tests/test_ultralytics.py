@@ -159,3 +159,24 @@ def test_corrupt_image_is_a_clear_error_with_ultralytics_imported(tmp_path):
     (tmp_path / 'bad.png').write_text('not an image')
     with pytest.raises(SystemExit, match='cannot read image .*not an image file Pillow can decode'):
         main(['predict', '--model', 'flatten_pvt_v2_b0', str(tmp_path / 'bad.png')])
+
+
+@pytest.mark.parametrize('name', ['yolov8n-fla-p5', 'yolo11n-c2f-fla'])
+def test_ultralytics_onnx_export_with_dynamic_sizes(tmp_path, monkeypatch, name):
+    """Ultralytics' own export (dynamic=True) of these models runs in ONNX Runtime at other sizes too."""
+    ort = pytest.importorskip('onnxruntime')
+    from ultralytics import YOLO
+    monkeypatch.chdir(tmp_path)
+    model = YOLO(str(CONFIGS / f'{name}.yaml'))
+    path = model.export(format='onnx', imgsz=(96, 128), dynamic=True, simplify=False)
+    session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
+    net = model.model.float().eval()
+    for size in ((96, 128), (160, 96)):
+        x = torch.randn(1, 3, *size)
+        with torch.no_grad():
+            expected = net(x)
+        expected = (expected[0] if isinstance(expected, (list, tuple)) else expected).numpy()
+        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        assert got.shape == expected.shape
+        # boxes are in pixels (up to the image size): compare relative to the largest output
+        assert np.abs(got - expected).max() < 1e-5 * max(1.0, np.abs(expected).max()), np.abs(got - expected).max()

@@ -379,7 +379,7 @@ class FocusedLinearAttention2d(FocusedLinearAttention):
             raise ValueError(f'{type(self).__name__}(dim={self.dim}) expects a (B, {self.dim}, H, W) map, '
                              f'got shape {tuple(x.shape)}')
         B, C, H, W = x.shape
-        if min(H, W) < self.sr_ratio:
+        if not is_exporting() and min(H, W) < self.sr_ratio:  # sizes are symbols in an exported graph
             raise ValueError(f'a {H}x{W} map is smaller than sr_ratio={self.sr_ratio}: use a smaller sr_ratio '
                              f'for maps this small')
         out = super().forward(map_to_tokens(x), (H, W))

@@ -17,7 +17,7 @@ import torch.nn as nn
 __all__ = ['EXPORTERS', 'ExportError', 'OnnxCheck', 'check_onnx', 'default_check_sizes', 'export_onnx',
            'model_min_input_size']
 
-EXPORTERS = ('dynamo', 'torchscript')
+EXPORTERS = ('torchscript', 'dynamo')
 Size = Tuple[int, int]
 
 
@@ -72,14 +72,14 @@ def export_onnx(
         output: str,
         img_size: Size = (224, 224),
         dynamic: bool = False,
-        exporter: str = 'dynamo',
+        exporter: str = 'torchscript',
         opset: Optional[int] = None,
 ) -> Path:
     """ Write `model` (a classifier or a features_only backbone, in eval mode) as ONNX.
 
     Input 'images' (B, model.in_chans, H, W); outputs 'logits', or 'stage{i}' per feature map.
     dynamic: batch, height and width are dynamic axes (any size of at least the model's minimum).
-    exporter: 'dynamo' (torch.export, torch's default) or 'torchscript' (the tracing exporter).
+    exporter: 'torchscript' (torch.onnx's tracing exporter) or 'dynamo' (dynamo=True, through torch.export).
     """
     _require('onnx')
     if exporter not in EXPORTERS:
@@ -103,9 +103,9 @@ def export_onnx(
                 dynamic_shapes = None
                 if dynamic:
                     min_size = model_min_input_size(model)
-                    dynamic_shapes = {'x': {0: torch.export.Dim('batch', min=1),
-                                            2: torch.export.Dim('height', min=min_size),
-                                            3: torch.export.Dim('width', min=min_size)}}
+                    dynamic_shapes = ({0: torch.export.Dim('batch', min=1),
+                                       2: torch.export.Dim('height', min=min_size),
+                                       3: torch.export.Dim('width', min=min_size)},)
                 torch.onnx.export(model, (example,), str(output), dynamo=True, dynamic_shapes=dynamic_shapes,
                                   external_data=False, verbose=False, **kwargs)
             else:
@@ -128,10 +128,11 @@ def export_onnx(
         fixed = [name for name, d in zip(('batch', 'height', 'width'), (dims[0], dims[2], dims[3])) if d.dim_value]
         if fixed:
             output.unlink()
+            other = EXPORTERS[1 - EXPORTERS.index(exporter)]
             raise ExportError(
-                f'the {exporter} exporter fixed the {", ".join(fixed)} of this model (torch.export could not prove '
-                f'its shape arithmetic for every size), so the graph would only run at the export size; '
-                f"export it with exporter='torchscript' (--exporter torchscript)")
+                f'the {exporter} exporter fixed the {", ".join(fixed)} of this model (it could not keep its shape '
+                f'arithmetic symbolic), so the graph would only run at the export size; try exporter={other!r} '
+                f'(--exporter {other})')
     return output
 
 

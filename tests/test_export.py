@@ -3,6 +3,7 @@ import warnings
 
 import pytest
 import timm
+import torch
 
 pytest.importorskip('onnxruntime')
 from flatten_timm.cli import main  # noqa: E402
@@ -66,6 +67,20 @@ def test_bad_arguments(tmp_path):
         export_onnx(model, tmp_path / 'm.onnx', (16, 64))
     with pytest.raises(ExportError, match='exporter must be one of'):
         export_onnx(model, tmp_path / 'm.onnx', EXPORT_SIZE, exporter='tflite')
+
+
+def test_a_graph_with_fixed_sizes_is_refused(tmp_path, monkeypatch):
+    real_export = torch.onnx.export
+
+    def export_without_dynamic_axes(*args, dynamic_axes=None, **kwargs):
+        return real_export(*args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, 'export', export_without_dynamic_axes)
+    model = timm.create_model('flatten_pvt_v2_b0', **TINY['flatten_pvt_v2_b0'])
+    path = tmp_path / 'm.onnx'
+    with pytest.raises(ExportError, match="fixed the batch, height, width .* try exporter='dynamo'"):
+        export_onnx(model, path, EXPORT_SIZE, dynamic=True)
+    assert not path.exists()
 
 
 def test_cli_export(tmp_path, capsys):

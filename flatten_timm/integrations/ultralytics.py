@@ -84,8 +84,9 @@ def _real_layer(name: str, stand_in: nn.Module, extra_args: list, channels: int,
                   for _ in range(count)]
         return layers[0] if count == 1 else nn.Sequential(*layers)
     c1, c2, n = stand_in.cv1.conv.in_channels, stand_in.cv2.conv.out_channels, len(stand_in.m)
-    hidden = int(c2 * 0.5)
-    return C2fFocusedAttention(c1, c2, n=n, num_heads=_num_heads(hidden, num_heads), grid_size=grid)
+    expansion = 0.5  # C2f's: the bottlenecks run on int(c2 * expansion) channels
+    return C2fFocusedAttention(c1, c2, n=n, num_heads=_num_heads(int(c2 * expansion), num_heads), grid_size=grid,
+                               expansion=expansion)
 
 
 def _wrap(parse_model):

@@ -26,22 +26,23 @@ def fresh_size(value):
     return size
 
 
+def _size_op(a, b, on_tensors, on_symints, on_ints):
+    """A binary op on two sizes, by their kind: traced 0-dim tensors, torch.export SymInts, or ints."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return on_tensors(torch.as_tensor(a), torch.as_tensor(b))
+    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
+        return on_symints(a, b)
+    return on_ints(a, b)
+
+
 def size_min(a, b):
     """min() of two sizes, kept symbolic."""
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return torch.minimum(torch.as_tensor(a), torch.as_tensor(b))
-    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
-        return torch.sym_min(a, b)
-    return min(a, b)
+    return _size_op(a, b, torch.minimum, torch.sym_min, min)
 
 
 def size_max(a, b):
     """max() of two sizes, kept symbolic."""
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return torch.maximum(torch.as_tensor(a), torch.as_tensor(b))
-    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
-        return torch.sym_max(a, b)
-    return max(a, b)
+    return _size_op(a, b, torch.maximum, torch.sym_max, max)
 
 
 def size_gt(a, b):

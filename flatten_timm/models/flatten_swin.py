@@ -187,6 +187,8 @@ class FlattenSwinBlock(nn.Module):
         return counts, window, shift
 
     def _shift_mask(self, counts: Size, window: Size, shift: Size, device) -> torch.Tensor:
+        if is_exporting():  # the sizes are symbols of the graph: build the mask inside it
+            return shifted_window_mask(counts, window, shift, device=device)
         key = (counts, window, shift, device)
         if key not in self._mask_cache:
             self._mask_cache[key] = shifted_window_mask(counts, window, shift, device=device)
@@ -212,10 +214,7 @@ class FlattenSwinBlock(nn.Module):
             # as released, linear windows are not masked after the shift
             windows = self.attn(windows, window)
         else:
-            if exporting:
-                mask = shifted_window_mask(counts, window, shift, device=x.device)
-            else:
-                mask = self._shift_mask(counts, window, shift, x.device) if has_shift else None
+            mask = self._shift_mask(counts, window, shift, x.device) if has_shift else None
             windows = self.attn(windows, window, mask=mask)
         x = merge_windows(windows.reshape(num_windows, window[0], window[1], C), B, counts, window)[:, :H, :W]
         if has_shift:

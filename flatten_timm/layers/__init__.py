@@ -8,3 +8,5 @@ from .grid_tokens import (
 from .softmax_attention import softmax_attention
 from .spatial_reduction import SpatialReduction, SpatialReductionAttention
 from .conv_embed import ConvEmbed
+from .fused_inference import (
+    Linear, Mlp, MlpWithDepthwiseConv, cpu_fusion_enabled, fused_conv2d, fused_linear, set_cpu_fusion)

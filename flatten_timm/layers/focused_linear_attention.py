@@ -15,6 +15,7 @@ from timm.layers import register_notrace_module
 
 from .grid_tokens import (
     GridTableResizer, channels_last_to_tokens, map_to_tokens, tokens_to_channels_last, tokens_to_map)
+from .fused_inference import Linear, fused_linear
 from .attn_impl import SELECTOR, resolve_attn_impl, selection_key, triton_available
 from .spatial_reduction import SpatialReduction
 from .symbolic_shapes import is_exporting
@@ -192,7 +193,7 @@ def _kernel_projection(linear: nn.Linear, x: torch.Tensor, inv_scale: torch.Tens
     bias = torch.cat([(inv_scale * _KERNEL_SHIFT).repeat(num_kernel_parts), inv_scale.new_zeros(rest)])
     if linear.bias is not None:
         bias = bias + linear.bias * row_scale
-    return F.linear(x, linear.weight * row_scale.unsqueeze(-1), bias)
+    return fused_linear(x, linear.weight * row_scale.unsqueeze(-1), bias)
 
 
 @register_notrace_module  # shape-dependent control flow (grids, windows, padding): a leaf for torch.fx
@@ -239,13 +240,13 @@ class FocusedLinearAttention(nn.Module):
 
         if sr_ratio > 1 or pool_size:
             self.qkv = None
-            self.q = nn.Linear(dim, dim, bias=qkv_bias, **dd)
-            self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias, **dd)
+            self.q = Linear(dim, dim, bias=qkv_bias, **dd)
+            self.kv = Linear(dim, dim * 2, bias=qkv_bias, **dd)
             self.sr = SpatialReduction(dim, sr_ratio, pool_size, **dd)
             self.key_grid_size = self.sr.output_size(grid_size)
         else:
             # one fused projection when queries and keys see the same tokens
-            self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
+            self.qkv = Linear(dim, dim * 3, bias=qkv_bias, **dd)
             self.q = self.kv = self.sr = None
             self.key_grid_size = tuple(grid_size)
 
@@ -255,7 +256,7 @@ class FocusedLinearAttention(nn.Module):
         self.scale = nn.Parameter(torch.zeros(1, 1, dim, **dd))
         self.positional_encoding = nn.Parameter(
             torch.zeros(1, self.key_grid_size[0] * self.key_grid_size[1], dim, **dd))
-        self.proj = nn.Linear(dim, dim, **dd)
+        self.proj = Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
         self._resize_pe = GridTableResizer(self.key_grid_size)
         resolve_attn_impl(attn_impl, env_override='')  # fail early on a typo

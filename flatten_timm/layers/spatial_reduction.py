@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 from timm.layers import register_notrace_module, use_fused_attn
 
+from .fused_inference import Linear
 from .grid_tokens import map_to_tokens, tokens_to_map
 from .softmax_attention import softmax_attention
 
@@ -72,11 +73,11 @@ class SpatialReductionAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.fused_attn = use_fused_attn()
-        self.q = nn.Linear(dim, dim, bias=qkv_bias, **dd)
-        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias, **dd)
+        self.q = Linear(dim, dim, bias=qkv_bias, **dd)
+        self.kv = Linear(dim, dim * 2, bias=qkv_bias, **dd)
         self.sr = SpatialReduction(dim, sr_ratio, pool_size, **dd) if sr_ratio > 1 or pool_size else None
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim, **dd)
+        self.proj = Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:

@@ -14,11 +14,11 @@ from typing import Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath, LayerNorm2d, Mlp, register_notrace_module, to_2tuple, use_fused_attn
+from timm.layers import DropPath, LayerNorm2d, register_notrace_module, to_2tuple, use_fused_attn
 from timm.models import generate_default_cfgs, register_model
 
 from flatten_timm.layers import (
-    ConvEmbed, FocusedLinearAttention, channels_last_to_tokens, merge_windows, pad_nhwc, partition_windows,
+    ConvEmbed, FocusedLinearAttention, Linear, Mlp, channels_last_to_tokens, merge_windows, pad_nhwc, partition_windows,
     softmax_attention, tokens_to_channels_last)
 from flatten_timm.layers.symbolic_shapes import size_min, tile_count
 from ._base import (
@@ -78,10 +78,10 @@ class CrossStripeAttention(nn.Module):
         self.split_size = split_size
         self.num_branches = num_branches
         self.fused_attn = use_fused_attn()
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
+        self.qkv = Linear(dim, dim * 3, bias=qkv_bias, **dd)
         self.lepe = nn.ModuleList([_lepe_conv(dim // num_branches, **dd) for _ in range(num_branches)])
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim, **dd)
+        self.proj = Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def stripes(self, branch: int, feat_size: Size) -> Tuple[Size, Size]:

@@ -13,11 +13,10 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, LayerNorm2d, Mlp, PatchEmbed, to_2tuple, trunc_normal_
+from timm.layers import DropPath, LayerNorm2d, PatchEmbed, to_2tuple, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
-from timm.models.pvt_v2 import MlpWithDepthwiseConv
 
-from flatten_timm.layers import FocusedLinearAttention, SpatialReductionAttention
+from flatten_timm.layers import FocusedLinearAttention, Mlp, MlpWithDepthwiseConv, SpatialReductionAttention
 from ._base import (
     FlattenModel, build_flatten_model, init_weights,
     PyramidStage, resolve_stage_args, stage_drop_path_rates, stage_reduction)

@@ -15,11 +15,11 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
-from timm.layers import DropPath, Mlp, PatchEmbed, register_notrace_module, to_2tuple, trunc_normal_, use_fused_attn
+from timm.layers import DropPath, PatchEmbed, register_notrace_module, to_2tuple, trunc_normal_, use_fused_attn
 from timm.models import generate_default_cfgs, register_model
 from timm.models.swin_transformer import PatchMerging
 
-from flatten_timm.layers import FocusedLinearAttention, merge_windows, pad_nhwc, partition_windows, softmax_attention
+from flatten_timm.layers import FocusedLinearAttention, Linear, Mlp, merge_windows, pad_nhwc, partition_windows, softmax_attention
 from flatten_timm.layers.symbolic_shapes import fresh_size, is_exporting, roll_hw, size_gt, size_min, tile_count
 from ._base import (
     FlattenModel, build_flatten_model, init_weights, resolve_stage_args, stage_drop_path_rates, stage_reduction)
@@ -97,9 +97,9 @@ class WindowAttention(nn.Module):
         self.relative_position_bias_table = nn.Parameter(torch.zeros(num_offsets, num_heads, **dd))
         self.register_buffer('relative_position_index', relative_position_index(
             self.window_size, self.window_size, device=device), persistent=False)
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
+        self.qkv = Linear(dim, dim * 3, bias=qkv_bias, **dd)
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim, **dd)
+        self.proj = Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
         trunc_normal_(self.relative_position_bias_table, std=.02)
         self._index_cache: Dict[tuple, torch.Tensor] = {}

@@ -1,0 +1,142 @@
+""" The fused oneDNN path of CPU inference: taken only where it may be, equal to the torch ops, and safe to lose."""
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import Mlp as TimmMlp
+from timm.models.pvt_v2 import MlpWithDepthwiseConv as TimmMlpWithDepthwiseConv
+
+from flatten_timm.layers import Linear, Mlp, MlpWithDepthwiseConv, cpu_fusion_enabled, fused_conv2d, fused_linear
+from flatten_timm.layers import fused_inference
+from test_models import TINY
+
+pytestmark = pytest.mark.skipif(not fused_inference._state['available'], reason='no oneDNN in this build of torch')
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts the calls that reach each oneDNN primitive."""
+    counts = {name: 0 for name in fused_inference._ops}
+    for name, op in list(fused_inference._ops.items()):
+        def counted(*args, _op=op, _name=name):
+            counts[_name] += 1
+            return _op(*args)
+        monkeypatch.setitem(fused_inference._ops, name, counted)
+    return counts
+
+
+def test_taken_only_in_float32_cpu_inference_without_autocast():
+    x = torch.randn(2, 3)
+    assert cpu_fusion_enabled(x) is False  # autograd is on
+    with torch.no_grad():
+        assert cpu_fusion_enabled(x)
+        assert not cpu_fusion_enabled(x.bfloat16())
+        assert not cpu_fusion_enabled(x[:0])
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            assert not cpu_fusion_enabled(x)
+        previous = fused_inference.set_cpu_fusion(False)
+        try:
+            assert not cpu_fusion_enabled(x)
+        finally:
+            fused_inference.set_cpu_fusion(previous)
+    with torch.inference_mode():
+        assert cpu_fusion_enabled(x)
+
+
+@pytest.mark.parametrize('act', [dict(gelu='none'), dict(gelu='tanh'), dict(relu=True), {}])
+def test_linear_equals_the_torch_ops(act, calls):
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(2, 37, 24), torch.randn(40, 24), torch.randn(40)
+    expected = F.linear(x, weight, bias)
+    expected = (F.gelu(expected, approximate=act['gelu']) if 'gelu' in act
+                else F.relu(expected) if act else expected)
+    with torch.no_grad():
+        out = fused_linear(x, weight, bias, **act)
+        strided = fused_linear(torch.cat([x, x], -1)[..., 24:], weight, None, **act)  # a column slice, no bias
+    assert calls['linear'] == 2
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(strided, fused_linear(x, weight, None, **act), rtol=1e-5, atol=1e-5)
+
+
+def test_depthwise_conv_gelu_equals_the_torch_ops(calls):
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 9, 13).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(16, 1, 3, 3), torch.randn(16)
+    with torch.no_grad():
+        out = fused_conv2d(x, weight, bias, (1, 1), groups=16, gelu='none')
+    assert calls['conv2d'] == 1
+    torch.testing.assert_close(out, F.gelu(F.conv2d(x, weight, bias, padding=1, groups=16)), rtol=1e-5, atol=1e-5)
+
+
+def test_modules_keep_timm_state_dicts_and_outputs(calls):
+    torch.manual_seed(0)
+    x = torch.randn(2, 6 * 5, 16)
+    pairs = [(TimmMlp(16, 64), Mlp(16, 64)), (nn.Linear(16, 8), Linear(16, 8))]
+    for extra_relu in (False, True):
+        pairs.append((TimmMlpWithDepthwiseConv(16, 64, extra_relu=extra_relu),
+                      MlpWithDepthwiseConv(16, 64, extra_relu=extra_relu)))
+    for theirs, ours in pairs:
+        ours.load_state_dict(theirs.state_dict())  # strict: the same keys and shapes
+        args = (x, (6, 5)) if isinstance(ours, MlpWithDepthwiseConv) else (x,)
+        with torch.no_grad():
+            torch.testing.assert_close(ours(*args), theirs(*args), rtol=1e-5, atol=1e-5)
+        # with autograd the plain ops run, and gradients flow
+        ours(*args).sum().backward()
+        assert ours.fc1.weight.grad is not None if hasattr(ours, 'fc1') else ours.weight.grad is not None
+    assert calls['linear'] == 2 + 1 + 2 * 2 and calls['conv2d'] == 2
+
+
+def test_train_mode_dropout_keeps_the_plain_path(calls):
+    mlp = Mlp(16, 32, drop=0.5).train()
+    with torch.no_grad():
+        out = mlp(torch.ones(4, 16))
+    assert calls['linear'] == 0 and (out != out.new_zeros(())).any()
+
+
+@pytest.mark.parametrize('name', sorted(TINY))
+def test_models_equal_with_and_without_fusion(name, calls):
+    torch.manual_seed(0)
+    model = timm.create_model(name, **TINY[name]).eval()
+    x = torch.randn(2, 3, 64, 96)
+    previous = fused_inference.set_cpu_fusion(False)
+    try:
+        with torch.no_grad():
+            plain = model(x)
+    finally:
+        fused_inference.set_cpu_fusion(previous)
+    assert sum(calls.values()) == 0
+    with torch.no_grad():
+        fused = model(x)
+    assert calls['linear'] > 0
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_a_failing_primitive_falls_back_with_one_warning(monkeypatch):
+    def broken(*args):
+        raise RuntimeError('could not create a primitive descriptor')
+    monkeypatch.setitem(fused_inference._ops, 'linear', broken)
+    monkeypatch.setitem(fused_inference._state, 'available', True)
+    x, weight = torch.randn(3, 8), torch.randn(4, 8)
+    with torch.no_grad():
+        with pytest.warns(RuntimeWarning, match='oneDNN fused CPU inference failed'):
+            out = fused_linear(x, weight)
+        torch.testing.assert_close(out, F.linear(x, weight))
+        assert not fused_inference._state['available']
+        with warnings.catch_warnings(record=True) as later:
+            warnings.simplefilter('always')
+            fused_linear(x, weight)
+    assert not later  # one warning, then the torch ops quietly
+
+
+def test_environment_variable_turns_it_off():
+    code = 'import torch; from flatten_timm.layers import fused_inference as f; print(f.cpu_fusion_enabled(torch.ones(1)))'
+    out = subprocess.run([sys.executable, '-c', f'import torch; torch.set_grad_enabled(False); {code}'],
+                         env={**os.environ, 'FLATTEN_CPU_FUSION': '0'},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == 'False'

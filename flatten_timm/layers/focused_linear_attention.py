@@ -280,20 +280,25 @@ class FocusedLinearAttention(nn.Module):
         k, v = self.kv(x).chunk(2, dim=-1)
         return q, k, v, key_size
 
-    def local_mixing(self, v: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
-        """The rank-restoring depthwise conv of V on the query grid, all heads at once: (B, n, C) -> (B, H*W, C).
+    def local_mixing_kernel(self) -> Tuple[torch.Tensor, Optional[torch.Tensor], int]:
+        """Weight (C, 1, k, k), bias and padding of the depthwise conv that mixes V locally: the rank-restoring
+        conv, its one kernel repeated for every head. Families that add more depthwise convs of the same V
+        (CSWin's LePE) add their kernels to it, so all of them run as one conv. The padding is a Python int
+        (an exported conv needs constant sizes)."""
+        weight = self.dwc.weight.repeat(self.num_heads, 1, 1, 1)
+        bias = self.dwc.bias.repeat(self.num_heads) if self.dwc.bias is not None else None
+        return weight, bias, self.dwc.padding[0]
 
-        Families that add more local terms of V (CSWin's LePE) extend this.
-        """
+    def local_mixing(self, v: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
+        """The local mixing of V on the query grid, all heads at once: (B, n, C) -> (B, H*W, C)."""
         C = v.shape[-1]
         H, W = feat_size
         if self.sr is not None:
             # keys were reduced: stretch V back to N tokens along the flattened token axis (as released)
             v = F.interpolate(v.transpose(1, 2), size=H * W, mode='linear').transpose(1, 2)
-        weight = self.dwc.weight.repeat(self.num_heads, 1, 1, 1)  # one kernel shared by all heads
-        bias = self.dwc.bias.repeat(self.num_heads) if self.dwc.bias is not None else None
+        weight, bias, padding = self.local_mixing_kernel()
         out = F.conv2d(tokens_to_channels_last(v, feat_size), weight.to(v.dtype),
-                       bias.to(v.dtype) if bias is not None else None, padding=self.dwc.padding, groups=C)
+                       bias.to(v.dtype) if bias is not None else None, padding=padding, groups=C)
         return channels_last_to_tokens(out)
 
     def attend(

@@ -14,13 +14,13 @@ from typing import Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm2d, register_notrace_module, to_2tuple, use_fused_attn
 from timm.models import generate_default_cfgs, register_model
 
 from flatten_timm.layers import (
-    ConvEmbed, FocusedLinearAttention, Linear, Mlp, channels_last_to_tokens, merge_windows, pad_nhwc, partition_windows,
-    softmax_attention, tokens_to_channels_last)
-from flatten_timm.layers.symbolic_shapes import size_min, tile_count
+    ConvEmbed, FocusedLinearAttention, Linear, Mlp, merge_windows, pad_nhwc, partition_windows, softmax_attention)
+from flatten_timm.layers.symbolic_shapes import is_exporting, size_min, tile_count
 from ._base import (
     FlattenModel, build_flatten_model, init_weights,
     PyramidStage, resolve_stage_args, stage_drop_path_rates, stage_reduction)
@@ -44,9 +44,15 @@ class LePEFocusedLinearAttention(FocusedLinearAttention):
         super().__init__(dim, num_heads, grid_size=grid_size, device=device, dtype=dtype, **kwargs)
         self.lepe = _lepe_conv(dim, device=device, dtype=dtype)
 
-    def local_mixing(self, v: torch.Tensor, feat_size: Size) -> torch.Tensor:
-        lepe = channels_last_to_tokens(self.lepe(tokens_to_channels_last(v, feat_size)))
-        return super().local_mixing(v, feat_size) + lepe
+    def local_mixing_kernel(self):
+        # dwc(v) + lepe(v) = one depthwise conv with the sum of the kernels, both centred ('same' padding)
+        weight, bias, padding = super().local_mixing_kernel()
+        lepe_padding = self.lepe.padding[0]
+        size = max(padding, lepe_padding)
+        weight = F.pad(weight, [size - padding] * 4) + F.pad(self.lepe.weight, [size - lepe_padding] * 4)
+        bias = self.lepe.bias if bias is None else bias + self.lepe.bias
+        # sizes from Python ints: the TorchScript-based ONNX exporter cannot infer them through Pad
+        return weight.reshape(self.dim, 1, 2 * size + 1, 2 * size + 1), bias, size
 
 
 @register_notrace_module  # shape-dependent control flow (grids, windows, padding): a leaf for torch.fx
@@ -94,23 +100,53 @@ class CrossStripeAttention(nn.Module):
             return (1, tile_count(W, self.split_size)), (H, size_min(self.split_size, W))
         return (tile_count(H, self.split_size), 1), (size_min(self.split_size, H), W)
 
+    def _attend(self, q, k, v, v_at_queries, lepe: nn.Module, num_heads: int) -> torch.Tensor:
+        """Softmax attention of (B', h, w, C) query windows over (B', h', w', C) key/value windows, plus the LePE
+        of the values at the queries' places; returns (B', h, w, C)."""
+        Bw, h, w, C = q.shape
+        d = C // num_heads
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(Bw, -1, num_heads, d).transpose(1, 2)
+
+        x = softmax_attention(heads(q), heads(k), heads(v), dropout_p=self.attn_drop.p if self.training else 0.,
+                              fused=self.fused_attn)
+        # the conv of a channels_last window returns one: back in (B', h, w, C) order without a copy, and the
+        # sum with the heads' output lands in that order too
+        local = lepe(v_at_queries.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(Bw, h * w, num_heads, d)
+        return (local + x.transpose(1, 2)).reshape(Bw, h, w, C)
+
+    def _whole_stripes(self, q, k, v, counts: Size, stripe: Size, lepe: nn.Module, num_heads: int) -> torch.Tensor:
+        """Attention within the stripes of (B, H, W, C) maps that are whole numbers of stripes."""
+        B = q.shape[0]
+        q, k, v = (partition_windows(t, counts, stripe) for t in (q, k, v))
+        return merge_windows(self._attend(q, k, v, v, lepe, num_heads), B, counts, stripe)
+
     def _branch(self, q, k, v, counts: Size, stripe: Size, lepe: nn.Module, num_heads: int) -> torch.Tensor:
-        """Attention within stripes of (B, H, W, C) maps; returns the (B, H, W, C) result."""
+        """Attention within stripes of (B, H, W, C) maps; returns the (B, H, W, C) result.
+
+        A map that is not a whole number of stripes is zero-padded to one: the padded keys and values take part
+        in the last stripe's softmax, the padded queries are cropped (LePE, a conv within each stripe, sees zeros
+        beyond the map either way).
+        """
         B, H, W, C = q.shape
         pad_h, pad_w = counts[0] * stripe[0] - H, counts[1] * stripe[1] - W
-        n = stripe[0] * stripe[1]
-
-        def to_heads(t: torch.Tensor) -> torch.Tensor:
-            t = partition_windows(pad_nhwc(t, pad_h, pad_w), counts, stripe)
-            return t.reshape(-1, n, num_heads, C // num_heads).transpose(1, 2)
-
-        v_windows = partition_windows(pad_nhwc(v, pad_h, pad_w), counts, stripe)  # B', h, w, C
-        v_lepe = lepe(v_windows.permute(0, 3, 1, 2)).reshape(-1, num_heads, C // num_heads, n).transpose(-2, -1)
-        q, k = to_heads(q), to_heads(k)
-        v = v_windows.reshape(-1, n, num_heads, C // num_heads).transpose(1, 2)
-        x = softmax_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0., fused=self.fused_attn)
-        x = (x + v_lepe).transpose(1, 2).reshape(B * counts[0] * counts[1], stripe[0], stripe[1], C)
-        return merge_windows(x, B, counts, stripe)[:, :H, :W]
+        if is_exporting():  # sizes are symbols: pad to whole stripes in the graph, at every size
+            q, k, v = (pad_nhwc(t, pad_h, pad_w) for t in (q, k, v))
+            return self._whole_stripes(q, k, v, counts, stripe, lepe, num_heads)[:, :H, :W]
+        if not (pad_h or pad_w):
+            return self._whole_stripes(q, k, v, counts, stripe, lepe, num_heads)
+        # stripes span the other axis whole, so only the last stripe is partial: its real queries attend alone,
+        # over its keys and values padded as above, and the padded queries are never computed
+        axis, width, pad = (1, stripe[0], pad_h) if pad_h else (2, stripe[1], pad_w)
+        whole = q.shape[axis] + pad - width
+        head_counts = (counts[0] - 1, 1) if pad_h else (1, counts[1] - 1)
+        out = self._whole_stripes(*(t.narrow(axis, 0, whole) for t in (q, k, v)), head_counts, stripe, lepe,
+                                  num_heads)
+        q_last, k_last, v_last = (t.narrow(axis, whole, width - pad) for t in (q, k, v))
+        last = self._attend(q_last, pad_nhwc(k_last, pad_h, pad_w), pad_nhwc(v_last, pad_h, pad_w), v_last, lepe,
+                            num_heads)
+        return torch.cat([out, last], dim=axis)
 
     def forward(self, x: torch.Tensor, feat_size: Size) -> torch.Tensor:
         B, N, C = x.shape

@@ -64,6 +64,19 @@ def test_linear_equals_the_torch_ops(act, calls):
     torch.testing.assert_close(strided, fused_linear(x, weight, None, **act), rtol=1e-5, atol=1e-5)
 
 
+def test_strided_weights_and_biases_are_read_right(calls):
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16)
+    weight, bias = torch.randn(16, 24).t(), torch.randn(48)[::2]  # neither is dense
+    conv_weight, conv_bias = torch.randn(16, 1, 3, 6)[..., ::2], torch.randn(32)[::2]
+    maps = torch.randn(2, 16, 9, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(fused_linear(x, weight, bias), F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fused_conv2d(maps, conv_weight, conv_bias, (1, 1), groups=16),
+                                   F.conv2d(maps, conv_weight, conv_bias, padding=1, groups=16), rtol=1e-5, atol=1e-5)
+    assert calls['linear'] == 1 and calls['conv2d'] == 1
+
+
 def test_depthwise_conv_gelu_equals_the_torch_ops(calls):
     torch.manual_seed(0)
     x = torch.randn(2, 16, 9, 13).contiguous(memory_format=torch.channels_last)

@@ -66,6 +66,12 @@ def _gelu_algorithm(act: nn.Module) -> Optional[str]:
     return None
 
 
+def _dense(weight: torch.Tensor, bias: Optional[torch.Tensor]):
+    # the primitives read weight and bias as dense arrays whatever their strides (a strided bias gives wrong
+    # sums, not an error); parameters already are, so this costs nothing for them
+    return weight.contiguous(), bias.contiguous() if bias is not None else None
+
+
 def _failed(error: Exception):
     _state['available'] = False
     warnings.warn(f'oneDNN fused CPU inference failed ({type(error).__name__}: {error}); using the torch ops '
@@ -79,7 +85,7 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     if cpu_fusion_enabled(x) and weight.dtype == x.dtype:
         attr, algorithm = ('gelu', gelu) if gelu else ('relu', '') if relu else ('none', '')
         try:
-            return _ops['linear'](x, weight, bias, attr, [], algorithm)
+            return _ops['linear'](x, *_dense(weight, bias), attr, [], algorithm)
         except RuntimeError as e:
             _failed(e)
     out = F.linear(x, weight, bias)
@@ -92,7 +98,7 @@ def fused_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     if cpu_fusion_enabled(x) and weight.dtype == x.dtype:
         try:
             return _ops['conv2d'](
-                x, weight, bias, list(padding), [1, 1], [1, 1], groups, 'gelu' if gelu else 'none', [],
+                x, *_dense(weight, bias), list(padding), [1, 1], [1, 1], groups, 'gelu' if gelu else 'none', [],
                 gelu if gelu else '')
         except RuntimeError as e:
             _failed(e)

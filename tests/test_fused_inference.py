@@ -148,7 +148,8 @@ def test_a_failing_primitive_falls_back_with_one_warning(monkeypatch):
 
 
 def test_environment_variable_turns_it_off():
-    code = 'import torch; from flatten_timm.layers import fused_inference as f; print(f.cpu_fusion_enabled(torch.ones(1)))'
+    code = ('import torch; from flatten_timm.layers import fused_inference as f; '
+            'print(f.cpu_fusion_enabled(torch.ones(1)))')
     out = subprocess.run([sys.executable, '-c', f'import torch; torch.set_grad_enabled(False); {code}'],
                          env={**os.environ, 'FLATTEN_CPU_FUSION': '0'},
                          capture_output=True, text=True, check=True)

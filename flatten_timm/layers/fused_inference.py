@@ -120,11 +120,9 @@ class Mlp(_TimmMlp):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gelu = _gelu_algorithm(self.act)
-        if gelu is None or not isinstance(self.norm, nn.Identity) or not cpu_fusion_enabled(x):
-            return super().forward(x)
-        # dropout is the identity here: no autograd means inference (a model in train() under no_grad still
-        # drops, through the plain path, as timm's does)
-        if self.training and (self.drop1.p or self.drop2.p):
+        # a model in train() under no_grad still drops out: through timm's own forward
+        if (gelu is None or not isinstance(self.norm, nn.Identity) or not cpu_fusion_enabled(x)
+                or (self.training and (self.drop1.p or self.drop2.p))):
             return super().forward(x)
         x = fused_linear(x, self.fc1.weight, self.fc1.bias, gelu=gelu)
         return fused_linear(x, self.fc2.weight, self.fc2.bias)

@@ -140,8 +140,8 @@ class CrossStripeAttention(nn.Module):
         # over its keys and values padded as above, and the padded queries are never computed
         axis, width, pad = (1, stripe[0], pad_h) if pad_h else (2, stripe[1], pad_w)
         whole = q.shape[axis] + pad - width
-        head_counts = (counts[0] - 1, 1) if pad_h else (1, counts[1] - 1)
-        out = self._whole_stripes(*(t.narrow(axis, 0, whole) for t in (q, k, v)), head_counts, stripe, lepe,
+        whole_counts = (counts[0] - 1, 1) if pad_h else (1, counts[1] - 1)
+        out = self._whole_stripes(*(t.narrow(axis, 0, whole) for t in (q, k, v)), whole_counts, stripe, lepe,
                                   num_heads)
         q_last, k_last, v_last = (t.narrow(axis, whole, width - pad) for t in (q, k, v))
         last = self._attend(q_last, pad_nhwc(k_last, pad_h, pad_w), pad_nhwc(v_last, pad_h, pad_w), v_last, lepe,

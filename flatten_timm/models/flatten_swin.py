@@ -19,7 +19,8 @@ from timm.layers import DropPath, PatchEmbed, register_notrace_module, to_2tuple
 from timm.models import generate_default_cfgs, register_model
 from timm.models.swin_transformer import PatchMerging
 
-from flatten_timm.layers import FocusedLinearAttention, Linear, Mlp, merge_windows, pad_nhwc, partition_windows, softmax_attention
+from flatten_timm.layers import (
+    FocusedLinearAttention, Linear, Mlp, merge_windows, pad_nhwc, partition_windows, softmax_attention)
 from flatten_timm.layers.symbolic_shapes import fresh_size, is_exporting, roll_hw, size_gt, size_min, tile_count
 from ._base import (
     FlattenModel, build_flatten_model, init_weights, resolve_stage_args, stage_drop_path_rates, stage_reduction)

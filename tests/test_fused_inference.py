@@ -130,6 +130,50 @@ def test_models_equal_with_and_without_fusion(name, calls):
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
 
 
+def _compile_recording_ops(model, seen):
+    """torch.compile(model, fullgraph) with a backend that notes the ops of the graph, then runs it eagerly."""
+    def backend(graph_module, example_inputs):
+        seen.update(str(node.target) for node in graph_module.graph.nodes if node.op == 'call_function')
+        return graph_module.forward
+    return torch.compile(model, fullgraph=True, backend=backend)
+
+
+@pytest.mark.parametrize('name', sorted(TINY))
+def test_compiled_inference_runs_the_primitives_as_custom_ops(name, calls):
+    """Under torch.compile the primitives stay in the graph as opaque custom ops (inductor cannot lower oneDNN's
+    ops for weights that are not frozen); inductor's freezing, which packs the weights and fuses by itself,
+    gets the plain ops."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = timm.create_model(name, **TINY[name]).eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        eager = model(x)
+        seen = set()
+        compiled = _compile_recording_ops(model, seen)(x)
+        assert 'flatten_timm.onednn_linear.default' in seen
+        assert not any(op.startswith('mkldnn.') for op in seen), seen
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+        torch._dynamo.reset()
+        seen.clear()
+        with torch._inductor.config.patch(freezing=True):
+            frozen = _compile_recording_ops(model, seen)(x)
+        assert not any(op.startswith(('flatten_timm.', 'mkldnn.')) for op in seen), seen
+        torch.testing.assert_close(frozen, eager, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+
+
+def test_custom_ops_declare_the_real_shapes_and_strides():
+    x = torch.randn(2, 10, 24)[:, :, :16]  # strided, as the chunks of a fused projection are
+    weight, bias = torch.randn(8, 16), torch.randn(8)
+    torch.library.opcheck(fused_inference._compiled_linear, (x, weight, bias, 'gelu', 'tanh'))
+    torch.library.opcheck(fused_inference._compiled_linear, (x, weight, None, 'none', ''))
+    tokens_as_map = torch.randn(2, 20, 16).transpose(1, 2).view(2, 16, 4, 5)
+    for image in (tokens_as_map, torch.randn(2, 16, 4, 5)):  # channels_last and contiguous
+        torch.library.opcheck(fused_inference._compiled_conv2d,
+                              (image, torch.randn(16, 1, 3, 3), torch.randn(16), [1, 1], 16, 'gelu', 'none'))
+
+
 def test_a_failing_primitive_falls_back_with_one_warning(monkeypatch):
     def broken(*args):
         raise RuntimeError('could not create a primitive descriptor')

@@ -6,11 +6,12 @@ for CPU inference) adds the bias and the activation in the GEMM's or conv's own 
 x86 that made the linears of these models 1.1-1.6x faster and a depthwise conv + GELU 2x faster.
 
 The fused primitives have no autograd, so they run only where nothing is recorded: a float32 CPU
-tensor with autograd off (`torch.no_grad` / `inference_mode`), no autocast, not under torch.compile
-(inductor fuses by itself) and not while a graph is exported. Everywhere else these are the plain torch
-ops. `FLATTEN_CPU_FUSION=0` (read at import) or `set_cpu_fusion(False)` turns it off; a primitive that
-fails falls back to the torch ops for the rest of the run, with one warning. Results equal the torch ops
-up to float rounding.
+tensor with autograd off (`torch.no_grad` / `inference_mode`), no autocast, and not while a graph is
+exported. Under torch.compile they are opaque custom ops (inductor's own oneDNN fusions need frozen
+weights), except with inductor's freezing on, which fuses by itself. Everywhere else these are the plain
+torch ops. `FLATTEN_CPU_FUSION=0` (read at import) or `set_cpu_fusion(False)` turns it off; a primitive
+that fails falls back to the torch ops for the rest of the run, with one warning. Results equal the torch
+ops up to float rounding.
 """
 import os
 import warnings
@@ -55,8 +56,16 @@ def cpu_fusion_enabled(x: torch.Tensor) -> bool:
     """Whether the fused primitives serve `x` now (see the module docstring for when)."""
     return (_state['enabled'] and _state['available'] and x.device.type == 'cpu' and x.dtype == torch.float32
             and not torch.is_grad_enabled() and torch.backends.mkldnn.enabled
-            and not torch.is_autocast_enabled('cpu') and not torch.compiler.is_compiling() and not is_exporting()
+            and not torch.is_autocast_enabled('cpu') and not is_exporting() and not _frozen_compile()
             and x.numel() > 0)
+
+
+def _frozen_compile() -> bool:
+    # inductor's freezing fuses plain linears and convs with packed constant weights by itself
+    if not torch.compiler.is_compiling():
+        return False
+    from torch._inductor import config
+    return bool(config.freezing)
 
 
 def _gelu_algorithm(act: nn.Module) -> Optional[str]:
@@ -66,44 +75,87 @@ def _gelu_algorithm(act: nn.Module) -> Optional[str]:
     return None
 
 
-def _dense(weight: torch.Tensor, bias: Optional[torch.Tensor]):
-    # the primitives read weight and bias as dense arrays whatever their strides (a strided bias gives wrong
-    # sums, not an error); parameters already are, so this costs nothing for them
-    return weight.contiguous(), bias.contiguous() if bias is not None else None
+def _activation(attr: str, algorithm: str):
+    """The torch op of a oneDNN epilogue (attr 'none', 'relu' or 'gelu' with its approximation)."""
+    if attr == 'gelu':
+        return lambda x: F.gelu(x, approximate=algorithm)
+    return F.relu if attr == 'relu' else lambda x: x
 
 
 def _failed(error: Exception):
     _state['available'] = False
     warnings.warn(f'oneDNN fused CPU inference failed ({type(error).__name__}: {error}); using the torch ops '
-                  f'for the rest of this run', RuntimeWarning, stacklevel=3)
+                  f'for the rest of this run', RuntimeWarning, stacklevel=4)
+
+
+def _linear_primitive(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], attr: str,
+                      algorithm: str) -> torch.Tensor:
+    # the primitives read weight and bias as dense arrays whatever their strides (a strided bias gives wrong
+    # sums, not an error); parameters already are, so .contiguous() costs nothing for them
+    weight, bias = weight.contiguous(), bias.contiguous() if bias is not None else None
+    if _state['available']:
+        try:
+            return _ops['linear'](x, weight, bias, attr, [], algorithm)
+        except RuntimeError as e:
+            _failed(e)
+    return _activation(attr, algorithm)(F.linear(x, weight, bias))
+
+
+def _conv2d_primitive(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding: List[int],
+                      groups: int, attr: str, algorithm: str) -> torch.Tensor:
+    # channels_last in, channels_last out: the layout the compiled op's fake output declares
+    x = x.contiguous(memory_format=torch.channels_last)
+    weight, bias = weight.contiguous(), bias.contiguous() if bias is not None else None
+    if _state['available']:
+        try:
+            return _ops['conv2d'](x, weight, bias, padding, [1, 1], [1, 1], groups, attr, [], algorithm)
+        except RuntimeError as e:
+            _failed(e)
+    out = _activation(attr, algorithm)(F.conv2d(x, weight, bias, padding=tuple(padding), groups=groups))
+    return out.contiguous(memory_format=torch.channels_last)
+
+
+# Under torch.compile the primitives run as opaque custom ops. Inductor lowers oneDNN's own ops only for
+# frozen (constant) weights; otherwise it runs addmm after a copy of the bias, and the GELU in a kernel of its
+# own. The fake implementations give inductor the outputs' shapes and strides.
+_compiled_linear = torch.library.custom_op('flatten_timm::onednn_linear', mutates_args=())(_linear_primitive)
+_compiled_conv2d = torch.library.custom_op('flatten_timm::onednn_conv2d', mutates_args=())(_conv2d_primitive)
+
+
+@_compiled_linear.register_fake
+def _(x, weight, bias, attr, algorithm):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@_compiled_conv2d.register_fake
+def _(x, weight, bias, padding, groups, attr, algorithm):
+    B, _, H, W = x.shape
+    k_h, k_w = weight.shape[-2:]
+    out = x.new_empty((B, weight.shape[0], H + 2 * padding[0] - k_h + 1, W + 2 * padding[1] - k_w + 1))
+    return out.contiguous(memory_format=torch.channels_last)
 
 
 def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                  gelu: Optional[str] = None, relu: bool = False) -> torch.Tensor:
     """F.linear(x, weight, bias), followed by GELU when `gelu` names its approximation ('none' or 'tanh'),
     or by ReLU."""
-    if cpu_fusion_enabled(x) and weight.dtype == x.dtype:
-        attr, algorithm = ('gelu', gelu) if gelu else ('relu', '') if relu else ('none', '')
-        try:
-            return _ops['linear'](x, *_dense(weight, bias), attr, [], algorithm)
-        except RuntimeError as e:
-            _failed(e)
-    out = F.linear(x, weight, bias)
-    return F.gelu(out, approximate=gelu) if gelu else F.relu(out) if relu else out
+    attr, algorithm = ('gelu', gelu) if gelu else ('relu', '') if relu else ('none', '')
+    if not cpu_fusion_enabled(x) or weight.dtype != x.dtype:
+        return _activation(attr, algorithm)(F.linear(x, weight, bias))
+    # eager calls the primitive directly: a custom op's dispatch costs more than the smallest linears
+    linear = _compiled_linear if torch.compiler.is_compiling() else _linear_primitive
+    return linear(x, weight, bias, attr, algorithm)
 
 
 def fused_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding: Sequence[int],
                  groups: int = 1, gelu: Optional[str] = None) -> torch.Tensor:
-    """F.conv2d(x, weight, bias, stride 1, padding, groups), followed by GELU when `gelu` names its approximation."""
-    if cpu_fusion_enabled(x) and weight.dtype == x.dtype:
-        try:
-            return _ops['conv2d'](
-                x, *_dense(weight, bias), list(padding), [1, 1], [1, 1], groups, 'gelu' if gelu else 'none', [],
-                gelu if gelu else '')
-        except RuntimeError as e:
-            _failed(e)
-    out = F.conv2d(x, weight, bias, padding=tuple(padding), groups=groups)
-    return F.gelu(out, approximate=gelu) if gelu else out
+    """F.conv2d(x, weight, bias, stride 1, padding, groups), followed by GELU when `gelu` names its approximation.
+    The fused path returns a channels_last map."""
+    attr, algorithm = ('gelu', gelu) if gelu else ('none', '')
+    if not cpu_fusion_enabled(x) or weight.dtype != x.dtype:
+        return _activation(attr, algorithm)(F.conv2d(x, weight, bias, padding=tuple(padding), groups=groups))
+    conv2d = _compiled_conv2d if torch.compiler.is_compiling() else _conv2d_primitive
+    return conv2d(x, weight, bias, list(padding), groups, attr, algorithm)
 
 
 @register_notrace_module  # branches on the grad mode: a leaf for torch.fx

@@ -6,6 +6,8 @@ import timm
 import torch
 
 from flatten_timm.cli import main
+from flatten_timm.layers.conv_embed import ConvEmbed
+from flatten_timm.layers.grid_tokens import map_to_tokens, resample_grid_tokens
 from test_models import TINY
 
 
@@ -22,6 +24,24 @@ def test_compiles_without_graph_breaks(name):
     model.eval()
     with torch.no_grad():  # the inference path (cached position tables) compiles too
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_padded_stem_compiles_with_dynamic_sizes():
+    """CSWin's stem pads to a multiple of its stride. A size computed with % reaches the positional table's
+    bilinear resize as a float, which torch.compile(dynamic=True) could not lower (no python_mod)."""
+    torch._dynamo.reset()
+    stem = ConvEmbed(3, 8, kernel_size=7, stride=4, padding=2, pad_to_stride=True)
+    table = torch.randn(1, 16, 8)
+
+    def embed(x):
+        y = stem(x)
+        return map_to_tokens(y) + resample_grid_tokens(table, (4, 4), y.shape[-2:])
+
+    compiled = torch.compile(embed, fullgraph=True, dynamic=True, backend='aot_eager')
+    for size in [(29, 35), (32, 30)]:
+        x = torch.randn(1, 3, *size)
+        torch.testing.assert_close(compiled(x), embed(x))
+    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize('name', sorted(TINY))

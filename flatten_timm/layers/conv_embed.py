@@ -4,7 +4,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import LayerNorm2d, register_notrace_module
 
-from .symbolic_shapes import is_exporting
+from .symbolic_shapes import is_exporting, tile_count
 
 __all__ = ['ConvEmbed']
 
@@ -37,7 +37,9 @@ class ConvEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pad_to_stride:
             stride = self.proj.stride
-            pad_h, pad_w = (-x.shape[-2]) % stride[0], (-x.shape[-1]) % stride[1]
+            # through floor division, not %: inductor cannot yet lower a modulo of sizes that reaches a float
+            pad_h = tile_count(x.shape[-2], stride[0]) * stride[0] - x.shape[-2]
+            pad_w = tile_count(x.shape[-1], stride[1]) * stride[1] - x.shape[-1]
             if is_exporting() or pad_h or pad_w:
                 x = F.pad(x, (0, pad_w, 0, pad_h))
         return self.norm(self.proj(x))

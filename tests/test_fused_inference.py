@@ -14,6 +14,7 @@ from timm.models.pvt_v2 import MlpWithDepthwiseConv as TimmMlpWithDepthwiseConv
 
 from flatten_timm.layers import Linear, Mlp, MlpWithDepthwiseConv, cpu_fusion_enabled, fused_conv2d, fused_linear
 from flatten_timm.layers import fused_inference
+from flatten_timm.layers.grid_tokens import tokens_to_map
 from test_models import TINY
 
 pytestmark = pytest.mark.skipif(not fused_inference._state['available'], reason='no oneDNN in this build of torch')
@@ -169,7 +170,9 @@ def test_custom_ops_declare_the_real_shapes_and_strides():
     torch.library.opcheck(fused_inference._compiled_linear, (x, weight, bias, 'gelu', 'tanh'))
     torch.library.opcheck(fused_inference._compiled_linear, (x, weight, None, 'none', ''))
     tokens_as_map = torch.randn(2, 20, 16).transpose(1, 2).view(2, 16, 4, 5)
-    for image in (tokens_as_map, torch.randn(2, 16, 4, 5)):  # channels_last and contiguous
+    # a batch of one viewed so has a batch stride of C: channels_last memory that oneDNN took for NCHW
+    one_as_map = torch.randn(1, 20, 16).transpose(1, 2).view(1, 16, 4, 5)
+    for image in (tokens_as_map, one_as_map, torch.randn(2, 16, 4, 5)):
         torch.library.opcheck(fused_inference._compiled_conv2d,
                               (image, torch.randn(16, 1, 3, 3), torch.randn(16), [1, 1], 16, 'gelu', 'none'))
 
@@ -198,3 +201,18 @@ def test_environment_variable_turns_it_off():
                          env={**os.environ, 'FLATTEN_CPU_FUSION': '0'},
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == 'False'
+
+
+@pytest.mark.parametrize('batch', [1, 3])
+def test_token_maps_are_channels_last_views_at_any_batch(batch):
+    """oneDNN picks its layout from the strides: a map of one image must look channels_last too, or its
+    depthwise conv runs as NCHW after a reorder (4-10x slower here)."""
+    tokens = torch.randn(batch, 4 * 5, 16)
+    grid = tokens_to_map(tokens, (4, 5))
+    assert grid.data_ptr() == tokens.data_ptr() and grid.stride() == (4 * 5 * 16, 1, 5 * 16, 16)
+    torch.testing.assert_close(grid, tokens.transpose(1, 2).reshape(batch, 16, 4, 5))
+    mlp = MlpWithDepthwiseConv(16, 32).eval()
+    with torch.no_grad():
+        hidden = fused_linear(tokens, mlp.fc1.weight, mlp.fc1.bias)
+        out = fused_conv2d(tokens_to_map(hidden, (4, 5)), mlp.dwconv.weight, mlp.dwconv.bias, (1, 1), 32, gelu='none')
+    assert out.stride() == (4 * 5 * 32, 1, 5 * 32, 32)

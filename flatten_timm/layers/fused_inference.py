@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from timm.layers import Mlp as _TimmMlp, register_notrace_module
 from timm.models.pvt_v2 import MlpWithDepthwiseConv as _TimmMlpWithDepthwiseConv
 
+from .grid_tokens import channels_last_to_tokens, tokens_to_map
 from .symbolic_shapes import is_exporting
 
 __all__ = ['CPU_FUSION_ENV', 'Linear', 'Mlp', 'MlpWithDepthwiseConv', 'cpu_fusion_enabled', 'fused_conv2d',
@@ -103,8 +104,9 @@ def _linear_primitive(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
 
 def _conv2d_primitive(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding: List[int],
                       groups: int, attr: str, algorithm: str) -> torch.Tensor:
-    # channels_last in, channels_last out: the layout the compiled op's fake output declares
-    x = x.contiguous(memory_format=torch.channels_last)
+    # channels_last in, with the batch stride that makes oneDNN see it so even for a batch of one: channels_last
+    # out, the layout the compiled op's fake output declares
+    x = tokens_to_map(channels_last_to_tokens(x).contiguous(), x.shape[-2:])
     weight, bias = weight.contiguous(), bias.contiguous() if bias is not None else None
     if _state['available']:
         try:
@@ -192,7 +194,7 @@ class MlpWithDepthwiseConv(_TimmMlpWithDepthwiseConv):
         # the "linear" variant's ReLU after fc1 rides in fc1's epilogue
         x = fused_linear(x, self.fc1.weight, self.fc1.bias, relu=isinstance(self.relu, nn.ReLU))
         B, N, C = x.shape
-        x = x.transpose(1, 2).view(B, C, feat_size[0], feat_size[1])  # channels_last memory
+        x = tokens_to_map(x, feat_size)  # a view in channels_last memory
         x = fused_conv2d(x, self.dwconv.weight, self.dwconv.bias, self.dwconv.padding, C, gelu=gelu)
         x = x.flatten(2).transpose(1, 2)
         return fused_linear(x, self.fc2.weight, self.fc2.bias)

@@ -12,9 +12,13 @@ __all__ = ['tokens_to_map', 'map_to_tokens', 'tokens_to_channels_last', 'channel
 
 
 def tokens_to_map(x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
-    """(B, H*W, C) tokens -> (B, C, H, W) map."""
+    """(B, H*W, C) tokens -> (B, C, H, W) map in channels_last memory: a view of contiguous tokens.
+
+    Through (B, H, W, C), not a transpose: its batch stride is H*W*C even when B is 1, so that convs
+    recognise the map as channels_last (oneDNN otherwise reorders a batch of one to NCHW, 4-10x slower).
+    """
     B, N, C = x.shape
-    return x.transpose(1, 2).reshape(B, C, feat_size[0], feat_size[1])
+    return x.reshape(B, feat_size[0], feat_size[1], C).permute(0, 3, 1, 2)
 
 
 def map_to_tokens(x: torch.Tensor) -> torch.Tensor:

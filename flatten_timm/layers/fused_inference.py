@@ -193,8 +193,7 @@ class MlpWithDepthwiseConv(_TimmMlpWithDepthwiseConv):
             return super().forward(x, feat_size)
         # the "linear" variant's ReLU after fc1 rides in fc1's epilogue
         x = fused_linear(x, self.fc1.weight, self.fc1.bias, relu=isinstance(self.relu, nn.ReLU))
-        B, N, C = x.shape
         x = tokens_to_map(x, feat_size)  # a view in channels_last memory
-        x = fused_conv2d(x, self.dwconv.weight, self.dwconv.bias, self.dwconv.padding, C, gelu=gelu)
-        x = x.flatten(2).transpose(1, 2)
+        x = fused_conv2d(x, self.dwconv.weight, self.dwconv.bias, self.dwconv.padding, x.shape[1], gelu=gelu)
+        x = channels_last_to_tokens(x)  # a view: the fused conv returns channels_last
         return fused_linear(x, self.fc2.weight, self.fc2.bias)

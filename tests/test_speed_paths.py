@@ -8,12 +8,14 @@ import torch
 from flatten_timm.cli import main
 from flatten_timm.layers.conv_embed import ConvEmbed
 from flatten_timm.layers.grid_tokens import map_to_tokens, resample_grid_tokens
+from flatten_timm.layers.symbolic_shapes import is_torch_exporting
 from test_models import TINY
 
 
 @pytest.mark.parametrize('name', sorted(TINY))
 def test_compiles_without_graph_breaks(name):
-    """fullgraph=True fails on any graph break; aot_eager traces forward and backward without a C compiler."""
+    """fullgraph=True fails on any graph break; aot_eager traces forward and backward without a C compiler.
+    A second call at the same size must reuse the graph: a cache filled inside it would fail its guards."""
     torch._dynamo.reset()
     model = timm.create_model(name, **TINY[name], drop_path_rate=0.)  # training mode without randomness
     compiled = torch.compile(model, fullgraph=True, backend='aot_eager')
@@ -21,9 +23,32 @@ def test_compiles_without_graph_breaks(name):
     out = compiled(x)
     out.sum().backward()
     torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled(x)
     model.eval()
     with torch.no_grad():  # the inference path (cached position tables) compiles too
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            compiled(x)
+
+
+def test_compile_is_not_export():
+    """torch.compile of torch <= 2.11 answers torch.compiler.is_exporting() with True; the models must take
+    their compiled (specialised) path there and the export path only under torch.export."""
+    seen = []
+
+    def record(x):
+        seen.append(is_torch_exporting())
+        return x + 1
+
+    torch.compile(record, fullgraph=True, backend='eager')(torch.zeros(2))
+
+    class Record(torch.nn.Module):
+        def forward(self, x):
+            return record(x)
+
+    torch.export.export(Record(), (torch.zeros(2),))
+    assert seen == [False, True]
 
 
 def test_padded_stem_compiles_with_dynamic_sizes():

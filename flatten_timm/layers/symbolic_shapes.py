@@ -10,12 +10,20 @@ from typing import Sequence
 
 import torch
 
-__all__ = ['is_exporting', 'fresh_size', 'size_min', 'size_max', 'size_gt', 'roll_hw', 'tile_count']
+__all__ = ['is_exporting', 'is_torch_exporting', 'fresh_size', 'size_min', 'size_max', 'size_gt', 'roll_hw', 'tile_count']
 
 
 def is_exporting() -> bool:
     """True while torch.onnx, torch.export or torch.jit.trace records a graph."""
-    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.compiler.is_exporting()
+    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or is_torch_exporting()
+
+
+def is_torch_exporting() -> bool:
+    """True while torch.export traces, False under torch.compile. Dynamo of torch <= 2.11 answers
+    torch.compiler.is_exporting() with True in every compile, so the flag torch.export sets is read
+    instead (a module global, which dynamo reads as a guarded constant)."""
+    flag = getattr(torch.compiler, '_is_exporting_flag', None)
+    return torch.compiler.is_exporting() if flag is None else flag
 
 
 def fresh_size(value):

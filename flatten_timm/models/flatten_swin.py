@@ -21,7 +21,7 @@ from timm.models.swin_transformer import PatchMerging
 
 from flatten_timm.layers import (
     FocusedLinearAttention, Linear, Mlp, merge_windows, pad_nhwc, partition_windows, softmax_attention)
-from flatten_timm.layers.symbolic_shapes import fresh_size, is_exporting, roll_hw, size_gt, size_min, tile_count
+from flatten_timm.layers.symbolic_shapes import fresh_size, is_exporting, is_torch_exporting, roll_hw, size_gt, size_min, tile_count
 from ._base import (
     FlattenModel, build_flatten_model, init_weights, resolve_stage_args, stage_drop_path_rates, stage_reduction)
 from ._convert import fit_state_dict_to_model, rename_keys, unwrap_state_dict
@@ -106,10 +106,12 @@ class WindowAttention(nn.Module):
         self._index_cache: Dict[tuple, torch.Tensor] = {}
 
     def relative_position_bias(self, window: Size) -> torch.Tensor:
-        if is_exporting():  # the window may be a symbol of the graph: index the table inside it
-            index = relative_position_index(window, self.window_size, device=self.relative_position_index.device)
-        elif tuple(window) == self.window_size:
+        if tuple(window) == self.window_size and not is_exporting():
             index = self.relative_position_index
+        elif is_exporting() or torch.compiler.is_compiling():
+            # the window may be a symbol of the graph, and a cache filled in a compiled graph would fail
+            # its guards on the next call (a recompile): index the table inside the graph
+            index = relative_position_index(window, self.window_size, device=self.relative_position_index.device)
         else:  # a smaller window (small feature map) reads the part of the table it covers
             device = self.relative_position_index.device
             index = self._index_cache.get((tuple(window), device))
@@ -188,7 +190,7 @@ class FlattenSwinBlock(nn.Module):
         return counts, window, shift
 
     def _shift_mask(self, counts: Size, window: Size, shift: Size, device) -> torch.Tensor:
-        if is_exporting():  # the sizes are symbols of the graph: build the mask inside it
+        if is_exporting() or torch.compiler.is_compiling():  # symbolic sizes / a cache that would recompile
             return shifted_window_mask(counts, window, shift, device=device)
         key = (counts, window, shift, device)
         if key not in self._mask_cache:
@@ -202,7 +204,7 @@ class FlattenSwinBlock(nn.Module):
         exporting = is_exporting()
         if not exporting and window == (H, W):  # one window over the whole map: no copies
             return self.attn(x.reshape(B, H * W, C), window).reshape(B, H, W, C)
-        if torch.compiler.is_exporting():
+        if is_torch_exporting():
             counts, window, shift = _fresh_window_sizes((H, W), counts, window, shift)
         has_shift = exporting or any(shift)
         if has_shift:

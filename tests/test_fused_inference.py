@@ -106,6 +106,23 @@ def test_modules_keep_timm_state_dicts_and_outputs(calls):
     assert calls['linear'] == 2 + 1 + 2 * 2 and calls['conv2d'] == 2
 
 
+def test_mlps_run_large_batches_in_chunks_of_whole_images(monkeypatch, calls):
+    """A batch whose hidden activation exceeds the chunk budget runs in chunks of images, with the same output."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 6 * 5, 16)
+    for theirs, ours in ((TimmMlp(16, 64), Mlp(16, 64)),
+                         (TimmMlpWithDepthwiseConv(16, 64), MlpWithDepthwiseConv(16, 64))):
+        ours.load_state_dict(theirs.state_dict())
+        args = (x, (6, 5)) if isinstance(ours, MlpWithDepthwiseConv) else (x,)
+        # two images' hidden activations (30 tokens x 64 features) fit, three do not: chunks of 2, 2 and 1
+        monkeypatch.setattr(fused_inference, '_MLP_CHUNK_BYTES', 3 * 30 * 64 * 4 - 1)
+        before = calls['linear']
+        with torch.no_grad():
+            torch.testing.assert_close(ours(*args), theirs(*args), rtol=1e-5, atol=1e-5)
+        assert calls['linear'] - before == 3 * 2
+    assert calls['conv2d'] == 3
+
+
 def test_train_mode_dropout_keeps_the_plain_path(calls):
     mlp = Mlp(16, 32, drop=0.5).train()
     with torch.no_grad():

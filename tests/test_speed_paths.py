@@ -32,6 +32,32 @@ def test_compiles_without_graph_breaks(name):
             compiled(x)
 
 
+@pytest.mark.parametrize('name', sorted(TINY))
+def test_dynamic_shape_compile_keeps_sizes_simple(name):
+    """torch.compile(dynamic=True): one graph serves other input sizes, and no tensor size in it carries a
+    modulo. timm's `size % patch` pads nested modulos into every later size, stage by stage, and their
+    simplification made dynamo alone take minutes on FLatten-Swin and FLatten-PVT."""
+    torch._dynamo.reset()
+    model = timm.create_model(name, **TINY[name]).eval()
+    sizes = []
+
+    def recording(gm, example_inputs):
+        for node in gm.graph.nodes:
+            value = node.meta.get('example_value')
+            if isinstance(value, torch.Tensor):
+                sizes.extend(str(s) for s in value.shape)
+        return gm
+
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend=recording)
+    with torch.no_grad():
+        x = torch.randn(2, 3, 66, 98)
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+        with torch._dynamo.config.patch(error_on_recompile=True):  # the same side of every guard
+            x = torch.randn(3, 3, 70, 102)
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    assert sizes and not [s for s in sizes if 'Mod' in s]
+
+
 def test_compile_is_not_export():
     """torch.compile of torch <= 2.11 answers torch.compiler.is_exporting() with True; the models must take
     their compiled (specialised) path there and the export path only under torch.export."""

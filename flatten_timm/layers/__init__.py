@@ -7,6 +7,6 @@ from .grid_tokens import (
     resample_grid_tokens, tokens_to_channels_last, tokens_to_map)
 from .softmax_attention import softmax_attention
 from .spatial_reduction import SpatialReduction, SpatialReductionAttention
-from .conv_embed import ConvEmbed
+from .conv_embed import ConvEmbed, PatchEmbed
 from .fused_inference import (
     Linear, Mlp, MlpWithDepthwiseConv, cpu_fusion_enabled, fused_conv2d, fused_linear, set_cpu_fusion)

@@ -1,12 +1,13 @@
-""" Convolutional patch embedding / downsampling with a channel LayerNorm, NCHW in and out."""
+""" Convolutional patch embeddings and downsampling: ConvEmbed (conv + channel LayerNorm, NCHW in and out) and
+timm's PatchEmbed padded to whole patches in a form that dynamic-shape compiles handle well."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import LayerNorm2d, register_notrace_module
+from timm.layers import LayerNorm2d, PatchEmbed as _TimmPatchEmbed, register_notrace_module
 
-from .symbolic_shapes import is_exporting, tile_count
+from .symbolic_shapes import may_pad, tile_count
 
-__all__ = ['ConvEmbed']
+__all__ = ['ConvEmbed', 'PatchEmbed']
 
 
 @register_notrace_module  # shape-dependent control flow (grids, windows, padding): a leaf for torch.fx
@@ -40,6 +41,25 @@ class ConvEmbed(nn.Module):
             # through floor division, not %: inductor cannot yet lower a modulo of sizes that reaches a float
             pad_h = tile_count(x.shape[-2], stride[0]) * stride[0] - x.shape[-2]
             pad_w = tile_count(x.shape[-1], stride[1]) * stride[1] - x.shape[-1]
-            if is_exporting() or pad_h or pad_w:
+            if may_pad(pad_h, pad_w):
                 x = F.pad(x, (0, pad_w, 0, pad_h))
         return self.norm(self.proj(x))
+
+
+@register_notrace_module  # pads by the input size: a leaf for torch.fx
+class PatchEmbed(_TimmPatchEmbed):
+    """ timm's PatchEmbed (same parameters and state dict), its input zero-padded at the bottom and right to
+    whole patches (build it without timm's dynamic_img_pad).
+
+    timm pads with `(patch - size % patch) % patch`. Under dynamic-shape torch.compile such modulos nest
+    stage by stage into the sizes of every later tensor, and their simplification made the compile of
+    FLatten-Swin take minutes; the floor division below keeps each stage's size a short formula.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        H, W = x.shape[-2:]
+        pad_h = tile_count(H, self.patch_size[0]) * self.patch_size[0] - H
+        pad_w = tile_count(W, self.patch_size[1]) * self.patch_size[1] - W
+        if may_pad(pad_h, pad_w):
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+        return super().forward(x)

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .symbolic_shapes import is_exporting
+from .symbolic_shapes import is_exporting, may_pad
 
 __all__ = ['tokens_to_map', 'map_to_tokens', 'tokens_to_channels_last', 'channels_last_to_tokens', 'pad_nhwc',
            'partition_windows', 'merge_windows', 'resample_grid_tokens', 'GridTableResizer']
@@ -45,8 +45,8 @@ def channels_last_to_tokens(x: torch.Tensor) -> torch.Tensor:
 
 def pad_nhwc(x: torch.Tensor, pad_h: int, pad_w: int) -> torch.Tensor:
     """Zero-pad a (B, H, W, C) map at the bottom and right; the map itself when there is nothing to pad
-    (F.pad copies even then), unless a graph is being exported (the pads are symbols there)."""
-    return F.pad(x, (0, 0, 0, pad_w, 0, pad_h)) if is_exporting() or pad_h or pad_w else x
+    (F.pad copies even then), unless the pads are symbols of a graph (see may_pad)."""
+    return F.pad(x, (0, 0, 0, pad_w, 0, pad_h)) if may_pad(pad_h, pad_w) else x
 
 
 def partition_windows(x: torch.Tensor, counts: Tuple[int, int], window: Tuple[int, int]) -> torch.Tensor:

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ['is_exporting', 'is_torch_exporting', 'fresh_size', 'size_min', 'size_max', 'size_gt', 'roll_hw', 'tile_count']
+__all__ = ['is_exporting', 'is_symbolic', 'is_torch_exporting', 'may_pad', 'fresh_size', 'size_min', 'size_max', 'size_gt', 'roll_hw', 'tile_count']
 
 
 def is_exporting() -> bool:
@@ -26,6 +26,20 @@ def is_torch_exporting() -> bool:
     return torch.compiler.is_exporting() if flag is None else flag
 
 
+def is_symbolic() -> bool:
+    """Whether sizes may be symbols of a graph being recorded: while exporting, and under torch.compile (whose
+    dynamic shapes dynamo does not reveal: isinstance(size, torch.SymInt) answers False there). A branch on
+    a symbol fixes the graph to one side of it (a recompile per side under torch.compile, one size in an
+    export): take the path that is right at every size instead."""
+    return is_exporting() or torch.compiler.is_compiling()
+
+
+def may_pad(*pads) -> bool:
+    """Whether padding by these sizes must be done: when any is nonzero, or may be a symbol (a zero pad
+    then costs one copy, which inductor fuses into its consumer)."""
+    return is_symbolic() or any(pads)
+
+
 def fresh_size(value):
     """Under torch.export: a size as a new symbol, its formula forgotten (the item of a 0-dim tensor). Checks
     on it are then assumed, not proven for every input size; state the facts they need with torch._check."""
@@ -35,22 +49,35 @@ def fresh_size(value):
 
 
 def _size_op(a, b, on_tensors, on_symints, on_ints):
-    """A binary op on two sizes, by their kind: traced 0-dim tensors, torch.export SymInts, or ints."""
+    """A binary op on two sizes, by their kind: traced 0-dim tensors, torch.export SymInts, or ints.
+
+    torch.compile's SymInts take the int path: a comparison there is a guard (a graph per side of it), and
+    the result stays a plain symbol or constant. Symbolic min/max would nest stage by stage into formulas
+    whose simplification made dynamic-shape compiles of FLatten-Swin take many minutes.
+    """
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         return on_tensors(torch.as_tensor(a), torch.as_tensor(b))
-    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
+    if (isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt)) and is_exporting():
         return on_symints(a, b)
     return on_ints(a, b)
 
 
+def _guarded_min(a, b):
+    return a if a <= b else b  # not min(), which dynamo turns into a symbolic min of SymInts
+
+
+def _guarded_max(a, b):
+    return a if a >= b else b
+
+
 def size_min(a, b):
     """min() of two sizes, kept symbolic."""
-    return _size_op(a, b, torch.minimum, torch.sym_min, min)
+    return _size_op(a, b, torch.minimum, torch.sym_min, _guarded_min)
 
 
 def size_max(a, b):
     """max() of two sizes, kept symbolic."""
-    return _size_op(a, b, torch.maximum, torch.sym_max, max)
+    return _size_op(a, b, torch.maximum, torch.sym_max, _guarded_max)
 
 
 def size_gt(a, b):
@@ -68,9 +95,10 @@ def roll_hw(x: torch.Tensor, shifts: Sequence, back: bool = False) -> torch.Tens
     """torch.roll of a (B, H, W, C) map by 0 <= shift <= size over H and W (by -shift if `back`).
 
     Shifts may be symbolic while exporting: torch.roll needs constants there, so the roll is two
-    slices and a concat (without a modulo, which keeps the shape formulas small).
+    slices and a concat, also under torch.compile, where a roll's modulo indexing over symbolic sizes
+    made inductor's CPU code generation slow.
     """
-    if not is_exporting():
+    if not is_symbolic():
         return torch.roll(x, shifts=tuple(-s for s in shifts) if back else tuple(shifts), dims=(1, 2))
     for dim, shift in zip((1, 2), shifts):
         split = shift if back else x.shape[dim] - shift  # the first output row is input row `split`

@@ -20,7 +20,7 @@ from timm.models import generate_default_cfgs, register_model
 
 from flatten_timm.layers import (
     ConvEmbed, FocusedLinearAttention, Linear, Mlp, merge_windows, pad_nhwc, partition_windows, softmax_attention)
-from flatten_timm.layers.symbolic_shapes import is_exporting, size_min, tile_count
+from flatten_timm.layers.symbolic_shapes import is_symbolic, size_min, tile_count
 from ._base import (
     FlattenModel, build_flatten_model, init_weights,
     PyramidStage, resolve_stage_args, stage_drop_path_rates, stage_reduction)
@@ -131,7 +131,7 @@ class CrossStripeAttention(nn.Module):
         """
         B, H, W, C = q.shape
         pad_h, pad_w = counts[0] * stripe[0] - H, counts[1] * stripe[1] - W
-        if is_exporting():  # sizes are symbols: pad to whole stripes in the graph, at every size
+        if is_symbolic():  # sizes may be symbols: pad to whole stripes in the graph, at every size
             q, k, v = (pad_nhwc(t, pad_h, pad_w) for t in (q, k, v))
             return self._whole_stripes(q, k, v, counts, stripe, lepe, num_heads)[:, :H, :W]
         if not (pad_h or pad_w):

@@ -13,10 +13,11 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, LayerNorm2d, PatchEmbed, to_2tuple, trunc_normal_
+from timm.layers import DropPath, LayerNorm2d, to_2tuple, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 
-from flatten_timm.layers import FocusedLinearAttention, Mlp, MlpWithDepthwiseConv, SpatialReductionAttention
+from flatten_timm.layers import (
+    FocusedLinearAttention, Mlp, MlpWithDepthwiseConv, PatchEmbed, SpatialReductionAttention)
 from ._base import (
     FlattenModel, build_flatten_model, init_weights,
     PyramidStage, resolve_stage_args, stage_drop_path_rates, stage_reduction)
@@ -133,7 +134,7 @@ class FlattenPvt(FlattenModel):
         embed_norm = partial(LayerNorm2d, eps=1e-5)
         self.patch_embed = PatchEmbed(
             img_size=None, patch_size=4, in_chans=in_chans, embed_dim=embed_dims[0], norm_layer=embed_norm,
-            flatten=False, output_fmt='NCHW', strict_img_size=False, dynamic_img_pad=True, **dd)
+            flatten=False, output_fmt='NCHW', strict_img_size=False, **dd)
 
         dpr = stage_drop_path_rates(drop_path_rate, depths)
         stages = []
@@ -141,8 +142,7 @@ class FlattenPvt(FlattenModel):
             reduction = stage_reduction(i)
             downsample = None if i == 0 else PatchEmbed(
                 img_size=None, patch_size=2, in_chans=embed_dims[i - 1], embed_dim=embed_dims[i],
-                norm_layer=embed_norm, flatten=False, output_fmt='NCHW', strict_img_size=False,
-                dynamic_img_pad=True, **dd)
+                norm_layer=embed_norm, flatten=False, output_fmt='NCHW', strict_img_size=False, **dd)
             stages.append(PyramidStage(
                 FlattenPvtBlock,
                 embed_dims[i],

@@ -15,13 +15,14 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
-from timm.layers import DropPath, PatchEmbed, register_notrace_module, to_2tuple, trunc_normal_, use_fused_attn
+from timm.layers import DropPath, register_notrace_module, to_2tuple, trunc_normal_, use_fused_attn
 from timm.models import generate_default_cfgs, register_model
-from timm.models.swin_transformer import PatchMerging
+from timm.models.swin_transformer import PatchMerging as _TimmPatchMerging
 
 from flatten_timm.layers import (
-    FocusedLinearAttention, Linear, Mlp, merge_windows, pad_nhwc, partition_windows, softmax_attention)
-from flatten_timm.layers.symbolic_shapes import fresh_size, is_exporting, is_torch_exporting, roll_hw, size_gt, size_min, tile_count
+    FocusedLinearAttention, Linear, Mlp, PatchEmbed, merge_windows, pad_nhwc, partition_windows, softmax_attention)
+from flatten_timm.layers.symbolic_shapes import (
+    fresh_size, is_exporting, is_torch_exporting, roll_hw, size_gt, size_min, tile_count)
 from ._base import (
     FlattenModel, build_flatten_model, init_weights, resolve_stage_args, stage_drop_path_rates, stage_reduction)
 from ._convert import fit_state_dict_to_model, rename_keys, unwrap_state_dict
@@ -74,6 +75,16 @@ def _fresh_window_sizes(feat_size: Size, counts: Size, window: Size, shift: Size
     return counts, window, shift
 
 
+@register_notrace_module  # pads by the input size: a leaf for torch.fx
+class PatchMerging(_TimmPatchMerging):
+    """ timm's PatchMerging (same parameters), its (B, H, W, C) input zero-padded to even sizes through floor
+    division: timm's own `size % 2` pad is then zero (why: see flatten_timm.layers.PatchEmbed)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, H, W, _ = x.shape
+        return super().forward(pad_nhwc(x, tile_count(H, 2) * 2 - H, tile_count(W, 2) * 2 - W))
+
+
 class WindowAttention(nn.Module):
     """ Softmax window attention with a relative position bias (fused SDPA when enabled)."""
 
@@ -106,7 +117,7 @@ class WindowAttention(nn.Module):
         self._index_cache: Dict[tuple, torch.Tensor] = {}
 
     def relative_position_bias(self, window: Size) -> torch.Tensor:
-        if tuple(window) == self.window_size and not is_exporting():
+        if not is_exporting() and tuple(window) == self.window_size:
             index = self.relative_position_index
         elif is_exporting() or torch.compiler.is_compiling():
             # the window may be a symbol of the graph, and a cache filled in a compiled graph would fail
@@ -318,7 +329,7 @@ class FlattenSwin(FlattenModel):
 
         self.patch_embed = PatchEmbed(
             img_size=None, patch_size=4, in_chans=in_chans, embed_dim=embed_dim, norm_layer=norm_layer,
-            flatten=False, output_fmt='NHWC', strict_img_size=False, dynamic_img_pad=True, **dd)
+            flatten=False, output_fmt='NHWC', strict_img_size=False, **dd)
 
         dpr = stage_drop_path_rates(drop_path_rate, depths)
         stages = []

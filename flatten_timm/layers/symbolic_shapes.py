@@ -5,12 +5,16 @@ covers the map needs no partition, nothing to pad needs no pad). While a graph i
 are symbols (0-dim tensors under tracing, SymInts under torch.export): every such choice must then be
 made by graph ops, or the graph is right only at the size it was recorded at. These helpers compute
 on all three kinds, and `is_exporting()` tells the models to take their shortcut-free path.
+Under torch.compile sizes may be symbols too (dynamic shapes): `is_symbolic()` takes the paths that
+do not branch on a size there, and sizes are kept short formulas (see `_int_min`).
 """
 from typing import Sequence
 
 import torch
 
-__all__ = ['is_exporting', 'is_symbolic', 'is_torch_exporting', 'may_pad', 'fresh_size', 'size_min', 'size_max', 'size_gt', 'roll_hw', 'tile_count']
+__all__ = [
+    'is_exporting', 'is_symbolic', 'is_torch_exporting', 'may_pad', 'fresh_size', 'size_min', 'size_max', 'size_gt',
+    'roll_hw', 'tile_count']
 
 
 def is_exporting() -> bool:
@@ -49,35 +53,36 @@ def fresh_size(value):
 
 
 def _size_op(a, b, on_tensors, on_symints, on_ints):
-    """A binary op on two sizes, by their kind: traced 0-dim tensors, torch.export SymInts, or ints.
-
-    torch.compile's SymInts take the int path: a comparison there is a guard (a graph per side of it), and
-    the result stays a plain symbol or constant. Symbolic min/max would nest stage by stage into formulas
-    whose simplification made dynamic-shape compiles of FLatten-Swin take many minutes.
-    """
+    """A binary op on two sizes, by their kind: traced 0-dim tensors, torch.export SymInts, or ints (which
+    under dynamo include its SymInts: isinstance answers int there)."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         return on_tensors(torch.as_tensor(a), torch.as_tensor(b))
-    if (isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt)) and is_exporting():
+    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
         return on_symints(a, b)
     return on_ints(a, b)
 
 
-def _guarded_min(a, b):
-    return a if a <= b else b  # not min(), which dynamo turns into a symbolic min of SymInts
+# Under torch.compile a comparison of sizes is a guard, and the result stays a plain symbol or constant;
+# min()/max() there become dynamo's symbolic Min/Max, which nest stage by stage into formulas whose
+# simplification made dynamic-shape compiles of FLatten-Swin take minutes. While exporting (strict
+# torch.export traces with dynamo too) the symbolic form is what keeps the graph right at every size.
+
+def _int_min(a, b):
+    return min(a, b) if is_exporting() else a if a <= b else b
 
 
-def _guarded_max(a, b):
-    return a if a >= b else b
+def _int_max(a, b):
+    return max(a, b) if is_exporting() else a if a >= b else b
 
 
 def size_min(a, b):
     """min() of two sizes, kept symbolic."""
-    return _size_op(a, b, torch.minimum, torch.sym_min, _guarded_min)
+    return _size_op(a, b, torch.minimum, torch.sym_min, _int_min)
 
 
 def size_max(a, b):
     """max() of two sizes, kept symbolic."""
-    return _size_op(a, b, torch.maximum, torch.sym_max, _guarded_max)
+    return _size_op(a, b, torch.maximum, torch.sym_max, _int_max)
 
 
 def size_gt(a, b):

@@ -22,7 +22,7 @@ from timm.models.swin_transformer import PatchMerging as _TimmPatchMerging
 from flatten_timm.layers import (
     FocusedLinearAttention, Linear, Mlp, PatchEmbed, merge_windows, pad_nhwc, partition_windows, softmax_attention)
 from flatten_timm.layers.symbolic_shapes import (
-    fresh_size, is_exporting, is_torch_exporting, roll_hw, size_gt, size_min, tile_count)
+    fresh_size, is_exporting, is_symbolic, is_torch_exporting, roll_hw, size_gt, size_min, tile_count)
 from ._base import (
     FlattenModel, build_flatten_model, init_weights, resolve_stage_args, stage_drop_path_rates, stage_reduction)
 from ._convert import fit_state_dict_to_model, rename_keys, unwrap_state_dict
@@ -119,7 +119,7 @@ class WindowAttention(nn.Module):
     def relative_position_bias(self, window: Size) -> torch.Tensor:
         if not is_exporting() and tuple(window) == self.window_size:
             index = self.relative_position_index
-        elif is_exporting() or torch.compiler.is_compiling():
+        elif is_symbolic():
             # the window may be a symbol of the graph, and a cache filled in a compiled graph would fail
             # its guards on the next call (a recompile): index the table inside the graph
             index = relative_position_index(window, self.window_size, device=self.relative_position_index.device)
@@ -201,7 +201,7 @@ class FlattenSwinBlock(nn.Module):
         return counts, window, shift
 
     def _shift_mask(self, counts: Size, window: Size, shift: Size, device) -> torch.Tensor:
-        if is_exporting() or torch.compiler.is_compiling():  # symbolic sizes / a cache that would recompile
+        if is_symbolic():  # sizes may be symbols, and a cache filled in a compiled graph would recompile
             return shifted_window_mask(counts, window, shift, device=device)
         key = (counts, window, shift, device)
         if key not in self._mask_cache:

@@ -1,4 +1,6 @@
 """ Ultralytics: the configs/yolo YAMLs build at every scale, train one epoch, reload in a fresh process."""
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,8 +26,16 @@ def registered():
     flatten_ultralytics.register()
 
 
-def _yaml(family: str, scale: str, variant: str) -> str:
-    return str(CONFIGS / f'{family}{scale}-{variant}.yaml')
+def _build(model_cls, name: str):
+    """model_cls('<name>.yaml') of configs/yolo, the scale letter in the name (yolov8n-fla-p5 is yolov8-fla-p5
+    at scale n). Ultralytics finds that letter with a regex over the whole path, which a folder such as
+    /tmp/tmp.i2Kw2mqd also matches: the model is built from the bare file name, in the YAMLs' folder."""
+    cwd = os.getcwd()
+    os.chdir(CONFIGS)
+    try:
+        return model_cls(f'{name}.yaml')
+    finally:
+        os.chdir(cwd)
 
 
 def _scaled(channels: int, scale) -> int:
@@ -41,7 +51,7 @@ def _layers(model, cls):
 @pytest.mark.parametrize('scale', ['n', 's', 'm'])
 def test_attention_after_p5_builds_at_every_scale(family, scale):
     from ultralytics import YOLO
-    model = YOLO(_yaml(family, scale, 'fla-p5'))
+    model = _build(YOLO, f'{family}{scale}-fla-p5')
     (index, attn), = _layers(model, FocusedLinearAttention2d).items()
     channels = _scaled(1024, WIDTH[family][scale])
     assert index == 10 and attn.dim == channels and channels % attn.num_heads == 0
@@ -52,7 +62,7 @@ def test_attention_after_p5_builds_at_every_scale(family, scale):
 @pytest.mark.parametrize('scale', ['n', 's', 'm'])
 def test_neck_blocks_build_at_every_scale(family, scale):
     from ultralytics import YOLO
-    model = YOLO(_yaml(family, scale, 'c2f-fla'))
+    model = _build(YOLO, f'{family}{scale}-c2f-fla')
     blocks = _layers(model, C2fFocusedAttention)
     depth = WIDTH[family][scale][0]
     repeats = max(round((3 if family == 'yolov8' else 2) * depth), 1)
@@ -72,7 +82,7 @@ def test_neck_blocks_build_at_every_scale(family, scale):
                                   'rtdetr-l-fla'])
 def test_detection_outputs_at_640_and_non_square(name):
     from ultralytics import RTDETR, YOLO
-    model = (RTDETR if name.startswith('rtdetr') else YOLO)(str(CONFIGS / f'{name}.yaml')).model.eval()
+    model = _build(RTDETR if name.startswith('rtdetr') else YOLO, name).model.eval()
     for size, anchors in (((640, 640), 8400), ((480, 800), 7875)):
         with torch.no_grad():
             out = model(torch.zeros(1, 3, *size))
@@ -123,11 +133,15 @@ def write_tiny_yolo_dataset(root: Path, images: int = 4) -> Path:
 
 @pytest.mark.parametrize('name', ['yolov8n-fla-p5', 'yolov8n-c2f-fla', 'yolo11n-fla-p5', 'yolo11n-c2f-fla',
                                   'rtdetr-l-fla'])
-def test_train_one_epoch_then_reload_in_a_fresh_process(tmp_path, name):
+def test_train_one_epoch_then_reload_in_a_fresh_process(tmp_path, monkeypatch, name):
     from ultralytics import RTDETR, YOLO
     data = write_tiny_yolo_dataset(tmp_path / 'data')
     model_cls = RTDETR if name.startswith('rtdetr') else YOLO
-    model = model_cls(str(CONFIGS / f'{name}.yaml'))
+    # the trainer reads the YAML again by the name it was given: the YAMLs beside the run (see _build)
+    for config in CONFIGS.glob('*.yaml'):
+        shutil.copy(config, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    model = model_cls(f'{name}.yaml')
     ours = sorted({type(m).__name__ for m in model.model.modules()
                    if isinstance(m, (FocusedLinearAttention2d, C2fFocusedAttention))})
     model.train(data=str(data), epochs=1, imgsz=64, batch=4, device='cpu', workers=0, plots=False, amp=False,
@@ -167,7 +181,7 @@ def test_ultralytics_onnx_export_with_dynamic_sizes(tmp_path, monkeypatch, name)
     ort = pytest.importorskip('onnxruntime')
     from ultralytics import YOLO
     monkeypatch.chdir(tmp_path)
-    model = YOLO(str(CONFIGS / f'{name}.yaml'))
+    model = _build(YOLO, name)
     path = model.export(format='onnx', imgsz=(96, 128), dynamic=True, simplify=False)
     session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
     net = model.model.float().eval()

@@ -5,9 +5,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import LayerNorm2d, PatchEmbed as _TimmPatchEmbed, register_notrace_module
 
-from .symbolic_shapes import may_pad, tile_count
+from .symbolic_shapes import may_pad, tile_padding
 
-__all__ = ['ConvEmbed', 'PatchEmbed']
+__all__ = ['ConvEmbed', 'PatchEmbed', 'pad_to_whole_tiles']
+
+
+def pad_to_whole_tiles(x: torch.Tensor, tile) -> torch.Tensor:
+    """Zero-pad a (B, C, H, W) map at the bottom and right to whole (tile[0], tile[1]) tiles; the map itself
+    when it already is (unless its sizes may be symbols, see may_pad)."""
+    pad_h, pad_w = tile_padding(x.shape[-2], tile[0]), tile_padding(x.shape[-1], tile[1])
+    return F.pad(x, (0, pad_w, 0, pad_h)) if may_pad(pad_h, pad_w) else x
 
 
 @register_notrace_module  # shape-dependent control flow (grids, windows, padding): a leaf for torch.fx
@@ -37,12 +44,7 @@ class ConvEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pad_to_stride:
-            stride = self.proj.stride
-            # through floor division, not %: inductor cannot yet lower a modulo of sizes that reaches a float
-            pad_h = tile_count(x.shape[-2], stride[0]) * stride[0] - x.shape[-2]
-            pad_w = tile_count(x.shape[-1], stride[1]) * stride[1] - x.shape[-1]
-            if may_pad(pad_h, pad_w):
-                x = F.pad(x, (0, pad_w, 0, pad_h))
+            x = pad_to_whole_tiles(x, self.proj.stride)
         return self.norm(self.proj(x))
 
 
@@ -53,13 +55,9 @@ class PatchEmbed(_TimmPatchEmbed):
 
     timm pads with `(patch - size % patch) % patch`. Under dynamic-shape torch.compile such modulos nest
     stage by stage into the sizes of every later tensor, and their simplification made the compile of
-    FLatten-Swin take minutes; the floor division below keeps each stage's size a short formula.
+    FLatten-Swin take minutes; padding through floor division (tile_padding) keeps each stage's size a
+    short formula.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        H, W = x.shape[-2:]
-        pad_h = tile_count(H, self.patch_size[0]) * self.patch_size[0] - H
-        pad_w = tile_count(W, self.patch_size[1]) * self.patch_size[1] - W
-        if may_pad(pad_h, pad_w):
-            x = F.pad(x, (0, pad_w, 0, pad_h))
-        return super().forward(x)
+        return super().forward(pad_to_whole_tiles(x, self.patch_size))

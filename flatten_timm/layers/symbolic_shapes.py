@@ -14,7 +14,7 @@ import torch
 
 __all__ = [
     'is_exporting', 'is_symbolic', 'is_torch_exporting', 'may_pad', 'fresh_size', 'size_min', 'size_max', 'size_gt',
-    'roll_hw', 'tile_count']
+    'roll_hw', 'tile_count', 'tile_padding']
 
 
 def is_exporting() -> bool:
@@ -94,6 +94,13 @@ def tile_count(size, tile: int):
     """How many tiles of at most `tile` cover `size`: ceil(size / tile), 1 when size <= tile (the tile
     then shrinks to the size). A floor-division by a constant, which stays cheap for torch.export."""
     return (size + tile - 1) // tile
+
+
+def tile_padding(size, tile: int):
+    """How much padding makes `size` a whole number of tiles (0 when it is one), through floor division:
+    a modulo of sizes nests into every later size under dynamic-shape compiles, and inductor cannot lower
+    one that reaches a float."""
+    return tile_count(size, tile) * tile - size
 
 
 def roll_hw(x: torch.Tensor, shifts: Sequence, back: bool = False) -> torch.Tensor:

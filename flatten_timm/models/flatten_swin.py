@@ -22,7 +22,7 @@ from timm.models.swin_transformer import PatchMerging as _TimmPatchMerging
 from flatten_timm.layers import (
     FocusedLinearAttention, Linear, Mlp, PatchEmbed, merge_windows, pad_nhwc, partition_windows, softmax_attention)
 from flatten_timm.layers.symbolic_shapes import (
-    fresh_size, is_exporting, is_symbolic, is_torch_exporting, roll_hw, size_gt, size_min, tile_count)
+    fresh_size, is_exporting, is_symbolic, is_torch_exporting, roll_hw, size_gt, size_min, tile_count, tile_padding)
 from ._base import (
     FlattenModel, build_flatten_model, init_weights, resolve_stage_args, stage_drop_path_rates, stage_reduction)
 from ._convert import fit_state_dict_to_model, rename_keys, unwrap_state_dict
@@ -82,7 +82,7 @@ class PatchMerging(_TimmPatchMerging):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _, H, W, _ = x.shape
-        return super().forward(pad_nhwc(x, tile_count(H, 2) * 2 - H, tile_count(W, 2) * 2 - W))
+        return super().forward(pad_nhwc(x, tile_padding(H, 2), tile_padding(W, 2)))
 
 
 class WindowAttention(nn.Module):

@@ -3,13 +3,13 @@
 # installs the project, runs the Triton kernel tests on CUDA, times the attention core, then measures the
 # four FLatten models beside their timm softmax peers (and the official code with --official-repo):
 # 224 px batch 128 (bf16 eager inference and training step with peak memory, fp32 eager, bf16 compiled)
-# and 896 px batch 8 (bf16 and fp32 eager). Every section has its own time limit and the whole run stays
-# under 8 minutes; what finished is always reported.
+# and 896 px batch 8 (bf16 and fp32 eager), and profiles bf16 inference per part of the models. Every
+# section has its own time limit and the whole run stays under 8 minutes; what finished is always reported.
 #
 #   scripts/gpu_check.sh OUT_DIR [--official-repo PATH_TO_FLatten-Transformer]
 #
-# Writes OUT_DIR/summary.md (all tables), OUT_DIR/models.json (every measurement), OUT_DIR/core.json
-# and OUT_DIR/log.txt.
+# Writes OUT_DIR/summary.md (all tables), OUT_DIR/models.json (every measurement), OUT_DIR/core.json,
+# OUT_DIR/profile.json and OUT_DIR/log.txt.
 set -uo pipefail
 out=${1:?usage: scripts/gpu_check.sh OUT_DIR [--official-repo PATH]}
 shift
@@ -56,16 +56,20 @@ pairs=(flatten_pvt_v2_b0 flatten_pvt_tiny flatten_swin_tiny_patch4_224 flatten_c
 bench=($PY -m flatten_timm.cli bench --models "${pairs[@]}" --device cuda --warmup 3 --repeats 10)
 section "224 bf16 eager inference" 90 \
   "${bench[@]}" --img-size 224 -b 128 --dtype bf16 --mode infer "${official[@]}" --json "$out/m1.json"
+# where the time goes, per part and kernel, in the pairs that trail their peers (and FLatten-Swin-T, which does not)
+section "224 bf16 inference profile" 60 $PY scripts/profile_models.py flatten_pvt_v2_b0 pvt_v2_b0 flatten_pvt_tiny \
+  pvt_v2_b1 flatten_cswin_tiny_224 flatten_swin_tiny_patch4_224 swin_tiny_patch4_window7_224 --img-size 224 -b 128 \
+  --dtype bf16 --device cuda --json "$out/profile.json"
 section "224 bf16 training step" 80 \
   "${bench[@]}" --img-size 224 -b 128 --dtype bf16 --mode train "${official[@]}" --json "$out/m2.json"
-section "896 bf16 eager inference" 45 "${bench[@]}" --img-size 896 -b 8 --dtype bf16 --json "$out/m3.json"
-section "224 fp32 eager inference" 60 \
-  "${bench[@]}" --img-size 224 -b 128 --dtype fp32 --mode infer "${official[@]}" --json "$out/m4.json"
-section "896 fp32 eager inference" 40 "${bench[@]}" --img-size 896 -b 8 --dtype fp32 --json "$out/m5.json"
 # compiling costs about a minute a model: the two families whose peers timm has in the same form
 section "224 bf16 compiled inference" 200 $PY -m flatten_timm.cli bench --models flatten_pvt_v2_b0 \
   flatten_swin_tiny_patch4_224 --device cuda --warmup 3 --repeats 10 --img-size 224 -b 128 --dtype bf16 \
-  --mode compile --json "$out/m6.json"
+  --mode compile --json "$out/m3.json"
+section "896 bf16 eager inference" 45 "${bench[@]}" --img-size 896 -b 8 --dtype bf16 --json "$out/m4.json"
+section "224 fp32 eager inference" 60 \
+  "${bench[@]}" --img-size 224 -b 128 --dtype fp32 --mode infer "${official[@]}" --json "$out/m5.json"
+section "896 fp32 eager inference" 40 "${bench[@]}" --img-size 896 -b 8 --dtype fp32 --json "$out/m6.json"
 
 $PY - "$out" <<'EOF'
 import glob, json, os, sys
@@ -86,6 +90,9 @@ EOF
   echo
   echo '## Whole models (images/s; "vs" = FLatten / other, higher is better for FLatten)'
   $PY scripts/gpu_report.py "$out/models.md" "$out/models.json" > /dev/null && cat "$out/models.md"
+  echo
+  echo '## Where the time goes (224, batch 128, bf16 inference)'
+  sed -n '/^ms per step/,/^## 224 bf16 inference profile: exit/p' "$log" | grep -v '^## '
   echo
   echo '## Kernel tests'
   grep -E '(passed|failed|error)' "$log" | grep -v '^##' | tail -3

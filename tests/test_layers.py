@@ -85,3 +85,53 @@ def test_autocast_bf16_is_finite():
         out = attn(x, (8, 8))
     out.float().sum().backward()
     assert torch.isfinite(out.float()).all() and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize('sr_ratio', [1, 2])
+def test_inference_reuses_what_it_folds_from_the_parameters(sr_ratio, monkeypatch):
+    """Folded projections, mixing kernel and scaled key encoding are computed once for inference, and again
+    whenever a parameter changes (in place, loaded, moved or cast); with gradients they are in the graph."""
+    import copy
+    import importlib
+    import pickle
+    fla = importlib.import_module('flatten_timm.layers.focused_linear_attention')  # the module, not the function
+    folds = []
+    fold = fla._fold_kernel_into
+    monkeypatch.setattr(fla, '_fold_kernel_into', lambda *args: folds.append(1) or fold(*args))
+
+    attn = FocusedLinearAttention(16, 2, grid_size=(6, 6), sr_ratio=sr_ratio).eval()
+    _randomize(attn)
+    x = torch.randn(2, 8 * 10, 16)
+
+    def fresh():  # with gradients recorded nothing is reused
+        with torch.enable_grad():
+            return attn(x, (8, 10)).detach()
+
+    per_call = 1 if sr_ratio == 1 else 2  # a fused qkv, or q and kv
+    with torch.no_grad():
+        out = attn(x, (8, 10))
+        assert len(folds) == per_call
+        torch.testing.assert_close(attn(x, (8, 10)), out, rtol=0, atol=0)
+        assert len(folds) == per_call  # reused
+        torch.testing.assert_close(out, fresh(), rtol=1e-6, atol=1e-6)
+
+        attn.scale.add_(0.5)  # an optimizer step or any in-place update
+        torch.testing.assert_close(attn(x, (8, 10)), fresh(), rtol=1e-6, atol=1e-6)
+        other = FocusedLinearAttention(16, 2, grid_size=(6, 6), sr_ratio=sr_ratio)
+        _randomize(other)
+        attn.load_state_dict(other.state_dict())
+        torch.testing.assert_close(attn(x, (8, 10)), other(x, (8, 10)), rtol=1e-6, atol=1e-6)
+
+        attn.half()  # a move clears the cache: the float storages freed here may come back at the same address
+        assert len(attn._folded) == 0
+        attn.float()  # rounded through half: a stale entry would give the values before the rounding
+        torch.testing.assert_close(attn(x, (8, 10)), fresh(), rtol=1e-6, atol=1e-6)
+
+        with torch.autocast('cpu', dtype=torch.bfloat16):  # its own entry, in the autocast dtype
+            low = attn(x, (8, 10))
+            assert low.dtype == torch.bfloat16 and torch.bfloat16 in attn._folded._entries
+            torch.testing.assert_close(low, fresh(), rtol=0, atol=0)
+
+    assert len(copy.deepcopy(attn)._folded) == 0 and len(pickle.loads(pickle.dumps(attn))._folded) == 0
+    attn(x, (8, 10)).sum().backward()  # training: gradients reach the parameters folded into the projections
+    assert attn.scale.grad.abs().sum() > 0 and attn.dwc.weight.grad.abs().sum() > 0

@@ -187,3 +187,25 @@ def test_a_failing_group_is_logged_and_the_others_measured(monkeypatch, caplog):
                                   warmup=1, repeats=1)
     assert [(r.kind, r.mode) for r in rows] == [('flatten', 'infer'), ('softmax peer', 'infer')]
     assert 'flatten_pvt_v2_b0 32x48 fp32 train: not measured, RuntimeError: backend failure' in caplog.text
+
+
+def test_profile_script_charges_each_part_its_time(tmp_path):
+    """scripts/profile_models.py (run by the GPU check): per-part times that add up to the step, the top ops,
+    and a model that fails is reported without stopping the others."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / 'scripts' / 'profile_models.py'
+    out = tmp_path / 'profile.json'
+    run = subprocess.run(
+        [sys.executable, str(script), 'flatten_pvt_v2_b0', 'no_such_model', '--img-size', '64', '-b', '1',
+         '--dtype', 'fp32', '--device', 'cpu', '--steps', '1', '--json', str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert 'no_such_model: not profiled' in run.stdout and '| flatten_pvt_v2_b0 |' in run.stdout
+    (report,) = json.loads(out.read_text())
+    parts = report['parts_ms']
+    assert set(parts) == {'attention', 'mlp', 'embed', 'norm', 'other'}
+    assert parts['attention'] > 0 and parts['mlp'] > 0 and parts['embed'] > 0 and parts['other'] >= 0
+    assert abs(sum(parts.values()) - report['step_ms']) < 0.01
+    assert report['top_kernels'] and all(k['ms'] >= 0 and k['calls'] >= 1 for k in report['top_kernels'])

@@ -16,6 +16,7 @@ from timm.layers import register_notrace_module
 from .grid_tokens import (
     GridTableResizer, channels_last_to_tokens, map_to_tokens, tokens_to_channels_last, tokens_to_map)
 from .fused_inference import Linear, fused_linear
+from .parameter_cache import ParameterCache
 from .attn_impl import SELECTOR, resolve_attn_impl, selection_key, triton_available
 from .spatial_reduction import SpatialReduction
 from .symbolic_shapes import is_exporting
@@ -182,8 +183,18 @@ def run_focused_linear_attention(
 _KERNEL_SHIFT = 1e-6  # the kernel is (relu(x) + 1e-6) / s
 
 
-def _kernel_projection(linear: nn.Linear, x: torch.Tensor, inv_scale: torch.Tensor, num_kernel_parts: int):
-    """linear(x) whose first num_kernel_parts C-wide outputs (q and/or k) come shifted and divided by the scale.
+def _projection_dtype(x: torch.Tensor, param_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a linear layer computes in on x's device: autocast's when it is on, else the parameters'."""
+    device_type = x.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return param_dtype
+
+
+def _fold_kernel_into(linear: nn.Linear, inv_scale: torch.Tensor, num_kernel_parts: int,
+                      dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of `linear` whose first num_kernel_parts C-wide outputs (q and/or k) come shifted and
+    divided by the scale, in `dtype`.
 
     (W x + b + 1e-6) / s is one matmul with the rows of W and b scaled: no pass over the tokens is added.
     """
@@ -193,7 +204,7 @@ def _kernel_projection(linear: nn.Linear, x: torch.Tensor, inv_scale: torch.Tens
     bias = torch.cat([(inv_scale * _KERNEL_SHIFT).repeat(num_kernel_parts), inv_scale.new_zeros(rest)])
     if linear.bias is not None:
         bias = bias + linear.bias * row_scale
-    return fused_linear(x, linear.weight * row_scale.unsqueeze(-1), bias)
+    return (linear.weight * row_scale.unsqueeze(-1)).to(dtype), bias.to(dtype)
 
 
 @register_notrace_module  # shape-dependent control flow (grids, windows, padding): a leaf for torch.fx
@@ -259,6 +270,7 @@ class FocusedLinearAttention(nn.Module):
         self.proj = Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
         self._resize_pe = GridTableResizer(self.key_grid_size)
+        self._folded = ParameterCache()
         resolve_attn_impl(attn_impl, env_override='')  # fail early on a typo
         self.attn_impl = attn_impl
 
@@ -289,14 +301,15 @@ class FocusedLinearAttention(nn.Module):
         bias = self.dwc.bias.repeat(self.num_heads) if self.dwc.bias is not None else None
         return weight, bias, self.dwc.padding[0]
 
-    def local_mixing(self, v: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
-        """The local mixing of V on the query grid, all heads at once: (B, n, C) -> (B, H*W, C)."""
+    def local_mixing(self, v: torch.Tensor, feat_size: Tuple[int, int], kernel: Optional[tuple] = None) -> torch.Tensor:
+        """The local mixing of V on the query grid, all heads at once: (B, n, C) -> (B, H*W, C).
+        kernel: `local_mixing_kernel()`'s result, if at hand."""
         C = v.shape[-1]
         H, W = feat_size
         if self.sr is not None:
             # keys were reduced: stretch V back to N tokens along the flattened token axis (as released)
             v = F.interpolate(v.transpose(1, 2), size=H * W, mode='linear').transpose(1, 2)
-        weight, bias, padding = self.local_mixing_kernel()
+        weight, bias, padding = kernel if kernel is not None else self.local_mixing_kernel()
         out = F.conv2d(tokens_to_channels_last(v, feat_size), weight.to(v.dtype),
                        bias.to(v.dtype) if bias is not None else None, padding=padding, groups=C)
         return channels_last_to_tokens(out)
@@ -317,6 +330,38 @@ class FocusedLinearAttention(nn.Module):
         x = linear_attention(q, k, v, self.num_heads)
         return x + self.local_mixing(v, feat_size)
 
+    def _apply(self, fn, *args, **kwargs):
+        # a move frees parameter storages whose addresses the next ones may reuse: forget what came from them
+        self._resize_pe.clear()
+        self._folded.clear()
+        return super()._apply(fn, *args, **kwargs)
+
+    def folded_parameters(self, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, tuple, tuple]:
+        """What the fast paths compute from the parameters: the kernel's 1 / s and floor 1e-6 / s (in the
+        parameters' dtype), the (weight, bias) pairs of the projections with 1 / s and the shift folded in (one
+        for a fused qkv, else q's then kv's) and `local_mixing_kernel()`, both in `dtype` (the projections'
+        compute dtype). Kept between inference calls while the parameters stay the same."""
+        def fold():
+            inv_scale = 1 / F.softplus(self.scale.reshape(-1))
+            if self.qkv is not None:
+                projections = (_fold_kernel_into(self.qkv, inv_scale, 2, dtype),)
+            else:
+                projections = (_fold_kernel_into(self.q, inv_scale, 1, dtype),
+                               _fold_kernel_into(self.kv, inv_scale, 1, dtype))
+            weight, bias, padding = self.local_mixing_kernel()
+            kernel = (weight.to(dtype), bias.to(dtype) if bias is not None else None, padding)
+            return inv_scale, inv_scale * _KERNEL_SHIFT, projections, kernel
+        return self._folded.get(dtype, self.parameters(), fold)
+
+    def _scaled_key_encoding(self, key_size: Tuple[int, int], inv_scale: torch.Tensor, dtype: torch.dtype):
+        """The key positional encoding at key_size, divided by the kernel's scale, in `dtype`."""
+        def scale():
+            return (self.key_positional_encoding(key_size) * inv_scale).to(dtype)
+        if not ParameterCache.active():  # and the key size may be a symbol
+            return scale()
+        return self._folded.get((int(key_size[0]), int(key_size[1]), dtype), (self.positional_encoding, self.scale),
+                                scale)
+
     def forward(self, x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
         impl = resolve_attn_impl(self.attn_impl)
         if impl == 'reference':
@@ -324,22 +369,21 @@ class FocusedLinearAttention(nn.Module):
             return self.proj_drop(self.proj(self.attend(q, k, v, feat_size, key_size)))
         # the kernel's 1 / s and its 1e-6 shift ride in the q and k projections (the matmuls' own bias add),
         # so the focusing map starts with one max() instead of relu, add and divide
-        inv_scale = 1 / F.softplus(self.scale.reshape(-1))
+        inv_scale, floor, projections, mixing_kernel = self.folded_parameters(_projection_dtype(x, self.scale.dtype))
         if self.qkv is not None:
-            q, k, v = _kernel_projection(self.qkv, x, inv_scale, 2).chunk(3, dim=-1)
+            q, k, v = fused_linear(x, *projections[0]).chunk(3, dim=-1)
             key_size = feat_size
         else:
-            q = _kernel_projection(self.q, x, inv_scale, 1)
+            q = fused_linear(x, *projections[0])
             x, key_size = self.sr(x, feat_size)
-            k, v = _kernel_projection(self.kv, x, inv_scale, 1).chunk(2, dim=-1)
+            k, v = fused_linear(x, *projections[1]).chunk(2, dim=-1)
         # q, k and the residual are this call's own buffers: without autograd they double as scratch space
         # (not under torch.compile, whose inductor plans its own buffers)
         scratch = not torch.is_grad_enabled() and not torch.compiler.is_compiling() and not is_exporting()
-        pe = (self.key_positional_encoding(key_size) * inv_scale).to(k.dtype)
+        pe = self._scaled_key_encoding(key_size, inv_scale, k.dtype)
         k = k.add_(pe) if scratch else k + pe
         x = run_focused_linear_attention(
-            q, k, v, inv_scale * _KERNEL_SHIFT, self.focusing_factor, self.num_heads,
-            residual=self.local_mixing(v, feat_size), attn_impl=impl, overwrite_inputs=scratch)
+            q, k, v, floor, self.focusing_factor, self.num_heads, residual=self.local_mixing(v, feat_size, mixing_kernel), attn_impl=impl, overwrite_inputs=scratch)
         return self.proj_drop(self.proj(x))
 
 

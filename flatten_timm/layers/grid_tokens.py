@@ -1,10 +1,11 @@
 """ Tokens laid out on an H x W grid: layout changes, and resizing of learned per-position tables."""
-from typing import Dict, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .parameter_cache import ParameterCache
 from .symbolic_shapes import is_exporting, may_pad
 
 __all__ = ['tokens_to_map', 'map_to_tokens', 'tokens_to_channels_last', 'channels_last_to_tokens', 'pad_nhwc',
@@ -81,15 +82,14 @@ class GridTableResizer:
     """ A learned (1, h*w, C) table (positional encoding / embedding) resized to the grid in use.
 
     At the training grid the parameter itself is returned (bit-identical to a fixed-size model).
-    Other sizes are interpolated; in inference (no grad) the result is cached per size and
-    recomputed only when the parameter changes (its version, device or dtype), so a detector
-    running at a fixed size does no per-call allocation. Not an nn.Module: it holds no state
-    that belongs in a state dict.
+    Other sizes are interpolated; in inference (no grad) the result is kept per size until the
+    parameter changes (a `ParameterCache`), so a detector running at a fixed size does no per-call
+    allocation. Not an nn.Module: it holds no state that belongs in a state dict.
     """
 
     def __init__(self, grid_size: Tuple[int, int]):
         self.grid_size = (int(grid_size[0]), int(grid_size[1]))
-        self._cache: Dict[Tuple[int, int], Tuple[int, torch.Tensor]] = {}
+        self._cache = ParameterCache()
 
     def __call__(self, table: nn.Parameter, size: Tuple[int, int]) -> torch.Tensor:
         if is_exporting():  # the size is a symbol of the graph: resize inside it, at every size
@@ -97,14 +97,8 @@ class GridTableResizer:
         size = (int(size[0]), int(size[1]))
         if size == self.grid_size:
             return table
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return resample_grid_tokens(table, self.grid_size, size)
-        cached = self._cache.get(size)
-        if (cached is None or cached[0] != table._version or cached[1].device != table.device
-                or cached[1].dtype != table.dtype):
-            cached = (table._version, resample_grid_tokens(table, self.grid_size, size))
-            self._cache[size] = cached
-        return cached[1]
+        return self._cache.get(size, (table,), lambda: resample_grid_tokens(table, self.grid_size, size))
 
-    def __deepcopy__(self, memo):
-        return GridTableResizer(self.grid_size)  # caches are not copied
+    def clear(self):
+        """Forget the resized tables (their parameter moved to another device or dtype)."""
+        self._cache.clear()

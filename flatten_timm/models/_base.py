@@ -80,6 +80,11 @@ class PyramidStage(nn.Module):
             for i in range(depth)])
         self.norm = norm_layer(dim, **dd) if stage_norm else nn.Identity()
 
+    def _apply(self, fn, *args, **kwargs):
+        if self.pos_embed is not None:  # a move frees storages whose addresses the next ones may reuse
+            self._resize_pos_embed.clear()
+        return super()._apply(fn, *args, **kwargs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.downsample is not None:
             x = self.downsample(x)

@@ -1,0 +1,60 @@
+""" Tensors computed from parameters, kept between inference calls.
+
+A focused linear attention layer folds its kernel's scale into the q/k projections, scales its key
+positional encoding and sums its depthwise kernels on every call: a dozen small ops that depend only on
+the parameters. In inference they are computed once and reused, which spares a small map (a detector
+neck's) most of its per-call overhead and a GPU a dozen kernel launches per layer.
+"""
+from typing import Callable, Dict, Hashable, Iterable, Tuple, TypeVar
+
+import torch
+
+from .symbolic_shapes import is_symbolic
+
+__all__ = ['ParameterCache']
+
+T = TypeVar('T')
+
+
+class ParameterCache:
+    """ Values computed from parameters, reused while the parameters stay the same.
+
+    `get(key, sources, compute)` returns compute(), kept under `key` while no autograd graph is recorded
+    and no graph is traced (under torch.compile or export the computation stays in the graph). An entry is
+    recomputed when one of its sources changes in place (its version counter: optimizer steps,
+    load_state_dict) or is replaced (its storage, dtype or device); modules that hold a cache clear it in
+    `_apply` (`.to()`, `.half()`, `.cuda()`), where a freed storage's address may be reused at once.
+    Copies and pickles of the owner start empty.
+    """
+
+    def __init__(self):
+        self._entries: Dict[Hashable, Tuple[tuple, object]] = {}
+
+    @staticmethod
+    def active() -> bool:
+        """Whether values may be reused: no gradient to record, no graph being traced."""
+        return not torch.is_grad_enabled() and not is_symbolic()
+
+    def get(self, key: Hashable, sources: Iterable[torch.Tensor], compute: Callable[[], T]) -> T:
+        if not self.active():
+            return compute()
+        stamp = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in sources)
+        entry = self._entries.get(key)
+        if entry is None or entry[0] != stamp:
+            entry = self._entries[key] = (stamp, compute())
+        return entry[1]
+
+    def clear(self):
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __deepcopy__(self, memo):
+        return ParameterCache()
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self._entries = {}

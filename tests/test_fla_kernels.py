@@ -274,3 +274,28 @@ def test_auto_selection_runs_the_real_implementations_with_gradients():
     torch.testing.assert_close(out, focused_linear_attention(*args), rtol=1e-5, atol=1e-5)
     out.sum().backward()
     assert torch.isfinite(q.grad).all() and torch.isfinite(floor.grad).all()
+
+
+@pytest.mark.parametrize('p', [3, 2.5])
+def test_focusing_functions_have_the_gradients_of_their_formulas(p):
+    """The torch path's focusing map with recomputing backward, against autograd's numerical gradients."""
+    import importlib
+    module = importlib.import_module('flatten_timm.layers.focused_linear_attention')
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 6, generator=g, dtype=torch.float64).requires_grad_()  # about half below the floor
+    floor = (0.05 + torch.rand(6, generator=g, dtype=torch.float64)).requires_grad_()
+    torch.autograd.gradcheck(lambda x, f: module._FocusedQueries.apply(x, f, p, torch.float64), (x, floor))
+    torch.autograd.gradcheck(lambda x, f: module._FocusedKeys.apply(x, f, p, 5, torch.float64), (x, floor))
+
+
+def test_training_keeps_no_float32_copies_of_q_and_k():
+    """With gradients, only bf16 tensors of the tokens' size are kept for backward (t and t**p are recomputed):
+    autograd through the element-wise focusing map kept three float32 copies each of q and k."""
+    q, k, v, residual, floor = make_inputs(2, 64, 64, 32, torch.bfloat16, seed=4)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        out = focused_linear_attention(q, k, v, floor, 3, 2, residual)
+    large = [t for t in kept if t.numel() >= q.numel()]
+    assert large and all(t.dtype == torch.bfloat16 for t in large), [(t.dtype, tuple(t.shape)) for t in large]
+    out.float().sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v, floor))

@@ -113,19 +113,19 @@ def test_inference_reuses_what_it_folds_from_the_parameters(sr_ratio, monkeypatc
         assert len(folds) == per_call
         torch.testing.assert_close(attn(x, (8, 10)), out, rtol=0, atol=0)
         assert len(folds) == per_call  # reused
-        torch.testing.assert_close(out, fresh(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(out, fresh(), rtol=1e-5, atol=1e-5)  # training rounds its own way
 
         attn.scale.add_(0.5)  # an optimizer step or any in-place update
-        torch.testing.assert_close(attn(x, (8, 10)), fresh(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(attn(x, (8, 10)), fresh(), rtol=1e-5, atol=1e-5)
         other = FocusedLinearAttention(16, 2, grid_size=(6, 6), sr_ratio=sr_ratio)
         _randomize(other)
         attn.load_state_dict(other.state_dict())
-        torch.testing.assert_close(attn(x, (8, 10)), other(x, (8, 10)), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(attn(x, (8, 10)), other(x, (8, 10)), rtol=1e-5, atol=1e-5)
 
         attn.half()  # a move clears the cache: the float storages freed here may come back at the same address
         assert len(attn._folded) == 0
         attn.float()  # rounded through half: a stale entry would give the values before the rounding
-        torch.testing.assert_close(attn(x, (8, 10)), fresh(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(attn(x, (8, 10)), fresh(), rtol=1e-5, atol=1e-5)
 
         with torch.autocast('cpu', dtype=torch.bfloat16):  # its own entry, in the autocast dtype
             low = attn(x, (8, 10))

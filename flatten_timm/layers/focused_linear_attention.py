@@ -11,6 +11,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from timm.layers import register_notrace_module
 
 from .grid_tokens import (
@@ -61,6 +62,74 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_head
     return x.transpose(1, 2).reshape(B, N, C)
 
 
+class _FocusedQueries(torch.autograd.Function):
+    """Unit queries u = t**p / ||t**p|| (in out_dtype) and the normaliser's e = 1e-6 / ||t|| of t = max(q, floor).
+
+    Keeps q and two numbers per token for backward, where t and t**p are recomputed: autograd through the
+    element-wise ops would keep three float32 copies of q.
+    """
+
+    @staticmethod
+    def forward(ctx, q, floor, p: float, out_dtype: torch.dtype):
+        t = torch.maximum(q.to(torch.promote_types(q.dtype, torch.float32)), floor)
+        t_norm = torch.linalg.vector_norm(t, dim=-1, keepdim=True)
+        t_pow = t.pow_(p)
+        inv_pow_norm = 1 / torch.linalg.vector_norm(t_pow, dim=-1, keepdim=True)
+        ctx.save_for_backward(q, floor, t_norm, inv_pow_norm)
+        ctx.p = p
+        return t_pow.mul_(inv_pow_norm).to(out_dtype), 1e-6 / t_norm
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, du, de):
+        q, floor, t_norm, a = ctx.saved_tensors
+        t = torch.maximum(q.to(a.dtype), floor)
+        t_pow_grad = t ** (ctx.p - 1)
+        t_pow = t_pow_grad * t
+        du = du.to(a.dtype)
+        # u = P a with a = 1 / ||P||: dP = a du - a^3 (du . P) P;  e = 1e-6 / ||t||: dt = -1e-6 de / ||t||^3 t
+        dt = (a * du - a ** 3 * (du * t_pow).sum(-1, keepdim=True) * t_pow) * t_pow_grad.mul_(ctx.p)
+        if de is not None:
+            dt = dt - (1e-6 * de / t_norm ** 3) * t
+        return _through_max(q, floor, dt, ctx.needs_input_grad[1]) + (None, None)
+
+
+class _FocusedKeys(torch.autograd.Function):
+    """phi(k) / n = t**p ||t|| / (||t**p|| n) of t = max(k, floor), in out_dtype; as `_FocusedQueries`, keeps
+    only k and two numbers per token for backward."""
+
+    @staticmethod
+    def forward(ctx, k, floor, p: float, n: int, out_dtype: torch.dtype):
+        t = torch.maximum(k.to(torch.promote_types(k.dtype, torch.float32)), floor)
+        t_norm = torch.linalg.vector_norm(t, dim=-1, keepdim=True)
+        t_pow = t.pow_(p)
+        inv_pow_norm = 1 / torch.linalg.vector_norm(t_pow, dim=-1, keepdim=True)
+        ctx.save_for_backward(k, floor, t_norm, inv_pow_norm)
+        ctx.p, ctx.n = p, n
+        return t_pow.mul_(t_norm * inv_pow_norm / n).to(out_dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        k, floor, t_norm, a = ctx.saved_tensors
+        t = torch.maximum(k.to(a.dtype), floor)
+        t_pow_grad = t ** (ctx.p - 1)
+        t_pow = t_pow_grad * t
+        dy = dy.to(a.dtype)
+        # y = P ||t|| a / n: dP = ||t|| / n (a dy - a^3 (dy . P) P), and through ||t||: (dy . P) a / n t / ||t||
+        dy_dot_pow = (dy * t_pow).sum(-1, keepdim=True)
+        dt = (t_norm / ctx.n) * (a * dy - a ** 3 * dy_dot_pow * t_pow) * t_pow_grad.mul_(ctx.p)
+        dt = dt + (dy_dot_pow * a / (ctx.n * t_norm)) * t
+        return _through_max(k, floor, dt, ctx.needs_input_grad[1]) + (None, None, None)
+
+
+def _through_max(x: torch.Tensor, floor: torch.Tensor, dt: torch.Tensor, floor_grad: bool):
+    """Gradients of x and floor (if floor_grad) from that of t = max(x, floor)."""
+    above = x > floor
+    dfloor = torch.where(above, 0., dt).reshape(-1, dt.shape[-1]).sum(0) if floor_grad else None
+    return torch.where(above, dt, 0.).to(x.dtype), dfloor
+
+
 _BATCHED_HEADS_MAX_TOKENS = 4096  # batch x tokens up to which all heads go through one matmul
 
 
@@ -105,17 +174,22 @@ def focused_linear_attention(
         t_pow = t.pow_(focusing_factor) if in_place else t ** focusing_factor
         return t_norm, t_pow, torch.linalg.vector_norm(t_pow, dim=-1, keepdim=True)
 
-    q_norm, q_pow, q_pow_norm = powered(q)
-    k_norm, k_pow, k_pow_norm = powered(k)
-    # phi(k) / n: the 1 / n of k^T v / n rides in the per-token norm ratio (and keeps fp16 in range)
-    k_ratio = k_norm / (k_pow_norm * n)
-    k_phi = (k_pow.mul_(k_ratio) if in_place else k_pow * k_ratio).to(v.dtype)
-    if v.dtype in (torch.float16, torch.bfloat16):
-        # unit-norm queries stay inside the fp16 range (an all-negative query maps to ~1e-6)
-        q_pow, eps = q_pow / q_pow_norm, 1e-6 / q_norm
+    if torch.is_grad_enabled() and not exporting and (q.requires_grad or k.requires_grad or floor.requires_grad):
+        # unit queries; t and t**p are recomputed in backward instead of kept (a third of the layer's memory)
+        q_pow, eps = _FocusedQueries.apply(q, floor, focusing_factor, v.dtype)
+        k_phi = _FocusedKeys.apply(k, floor, focusing_factor, n, v.dtype)
     else:
-        eps = 1e-6 * q_pow_norm / q_norm
-    q_pow = q_pow.to(v.dtype)
+        q_norm, q_pow, q_pow_norm = powered(q)
+        k_norm, k_pow, k_pow_norm = powered(k)
+        # phi(k) / n: the 1 / n of k^T v / n rides in the per-token norm ratio (and keeps fp16 in range)
+        k_ratio = k_norm / (k_pow_norm * n)
+        k_phi = (k_pow.mul_(k_ratio) if in_place else k_pow * k_ratio).to(v.dtype)
+        if v.dtype in (torch.float16, torch.bfloat16):
+            # unit-norm queries stay inside the fp16 range (an all-negative query maps to ~1e-6)
+            q_pow, eps = q_pow / q_pow_norm, 1e-6 / q_norm
+        else:
+            eps = 1e-6 * q_pow_norm / q_norm
+        q_pow = q_pow.to(v.dtype)
     if exporting or (num_heads > 1 and B * N <= _BATCHED_HEADS_MAX_TOKENS):
         # few tokens: one matmul over all heads beats a Python loop of small ops (the copies are small);
         # an exported graph takes this path at every size (B and N are symbols there)

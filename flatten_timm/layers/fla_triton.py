@@ -1,9 +1,11 @@
 """ Fused Triton kernels for focused linear attention, forward and backward.
 
-The same function as `focused_linear_attention` (its torch form), in five passes over memory:
+The same function as `focused_linear_attention` (its torch form), in five passes over memory (three with
+one head):
 
 - `_kernel_stats`: per token, over all C channels, ||t|| and 1 / ||t**p|| of the kernel t = max(x, floor)
-  (for q and for k; the focusing map's norms span every head, so they are computed once per token);
+  (for q and for k; the focusing map's norms span every head, so they are computed once per token; with
+  one head every tile below holds whole rows and computes them itself);
 - `_kv_state`: per (batch, head) and chunk of keys, [phi(k)^T v / n | sum phi(k) / n] in float32;
 - `_attn_out`: per (batch, head) and block of queries, u = t**p / ||t**p|| (unit norm: no fp16 overflow),
   out = u S / (u . z + 1e-6 / ||t||) + residual, written at the head's columns of (B, N, C);
@@ -49,6 +51,15 @@ def _power_grad(t, P: tl.constexpr):
 
 
 @triton.jit
+def _row_stats(t, mask, r_mask, P: tl.constexpr):
+    """t**p (0 outside the mask), ||t|| and 1 / ||t**p|| over the rows of a tile that holds whole rows."""
+    t_pow = tl.where(mask, _power(t, P), 0.)
+    t = tl.where(mask, t, 0.)
+    pow_norm = tl.sqrt(tl.where(r_mask, tl.sum(t_pow * t_pow, axis=1), 1.))
+    return t_pow, tl.sqrt(tl.sum(t * t, axis=1)), 1 / pow_norm
+
+
+@triton.jit
 def _kernel_stats(x_ptr, floor_ptr, norm_ptr, inv_pow_norm_ptr, rows, N, C, stride_b, stride_n,
                   P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -58,20 +69,24 @@ def _kernel_stats(x_ptr, floor_ptr, norm_ptr, inv_pow_norm_ptr, rows, N, C, stri
     x = tl.load(x_ptr + ((r // N) * stride_b + (r % N) * stride_n)[:, None] + c[None, :], mask=mask, other=1.)
     floor = tl.load(floor_ptr + c, mask=c_mask, other=1.)
     t = tl.maximum(x.to(tl.float32), floor[None, :])  # 1 outside the masks: no log of 0
-    t_pow = tl.where(mask, _power(t, P), 0.)
-    t = tl.where(mask, t, 0.)
-    tl.store(norm_ptr + r, tl.sqrt(tl.sum(t * t, axis=1)), mask=r_mask)
-    pow_norm = tl.sqrt(tl.where(r_mask, tl.sum(t_pow * t_pow, axis=1), 1.))
-    tl.store(inv_pow_norm_ptr + r, 1 / pow_norm, mask=r_mask)
+    _, norm, inv_pow_norm = _row_stats(t, mask, r_mask, P)
+    tl.store(norm_ptr + r, norm, mask=r_mask)
+    tl.store(inv_pow_norm_ptr + r, inv_pow_norm, mask=r_mask)
 
 
 @triton.jit
 def _load_phi_k(k_ptr, floor, norm_ptr, inv_pow_norm_ptr, b, j, j_mask, cols, d_mask, n, stride_b, stride_n, inv_n,
-                P: tl.constexpr):
-    """phi(k) / n for a (BLOCK_N, BLOCK_D) tile of one head, zero outside the masks."""
+                P: tl.constexpr, ROW_STATS: tl.constexpr):
+    """phi(k) / n for a (BLOCK_N, BLOCK_D) tile of one head, zero outside the masks. ROW_STATS: the head is the
+    whole row (one head), so the tile's own norms are the token's, computed here and stored for backward."""
     mask = j_mask[:, None] & d_mask[None, :]
     k = tl.load(k_ptr + b * stride_b + j[:, None] * stride_n + cols[None, :], mask=mask, other=1.)
     t = tl.maximum(k.to(tl.float32), floor[None, :])
+    if ROW_STATS:
+        t_pow, norm, inv_pow_norm = _row_stats(t, mask, j_mask, P)
+        tl.store(norm_ptr + b * n + j, norm, mask=j_mask)
+        tl.store(inv_pow_norm_ptr + b * n + j, inv_pow_norm, mask=j_mask)
+        return t_pow * (norm * inv_pow_norm * inv_n)[:, None]
     scale = tl.load(norm_ptr + b * n + j, mask=j_mask, other=0.) * tl.load(
         inv_pow_norm_ptr + b * n + j, mask=j_mask, other=0.) * inv_n
     return tl.where(mask, _power(t, P) * scale[:, None], 0.)
@@ -80,7 +95,8 @@ def _load_phi_k(k_ptr, floor, norm_ptr, inv_pow_norm_ptr, b, j, j_mask, cols, d_
 @triton.jit
 def _kv_state(k_ptr, v_ptr, floor_ptr, norm_ptr, inv_pow_norm_ptr, state_ptr, n, H, D, chunk, inv_n,
               stride_kb, stride_kn, stride_vb, stride_vn, stride_s0, stride_s1,
-              P: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+              P: tl.constexpr, IEEE: tl.constexpr, ROW_STATS: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_D: tl.constexpr):
     bh, split = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     d = tl.arange(0, BLOCK_D)
@@ -95,7 +111,7 @@ def _kv_state(k_ptr, v_ptr, floor_ptr, norm_ptr, inv_pow_norm_ptr, state_ptr, n,
         j = j0 + tl.arange(0, BLOCK_N)
         j_mask = j < end
         phi = _load_phi_k(k_ptr, floor, norm_ptr, inv_pow_norm_ptr, b, j, j_mask, cols, d_mask, n,
-                             stride_kb, stride_kn, inv_n, P)
+                             stride_kb, stride_kn, inv_n, P, ROW_STATS)
         v = tl.load(v_ptr + b * stride_vb + j[:, None] * stride_vn + cols[None, :],
                     mask=j_mask[:, None] & d_mask[None, :], other=0.)
         if IEEE:
@@ -119,11 +135,17 @@ def _load_state(state_ptr, bh, d, d_mask, D):
 
 @triton.jit
 def _load_unit_q(q_ptr, floor, norm_ptr, inv_pow_norm_ptr, b, i, i_mask, cols, d_mask, N, stride_b, stride_n,
-                 P: tl.constexpr):
-    """u = t**p / ||t**p|| for a (BLOCK_M, BLOCK_D) tile of one head, and the normaliser's 1e-6 / ||t||."""
+                 P: tl.constexpr, ROW_STATS: tl.constexpr):
+    """u = t**p / ||t**p|| for a (BLOCK_M, BLOCK_D) tile of one head, and the normaliser's 1e-6 / ||t||.
+    ROW_STATS: as in `_load_phi_k`."""
     mask = i_mask[:, None] & d_mask[None, :]
     q = tl.load(q_ptr + b * stride_b + i[:, None] * stride_n + cols[None, :], mask=mask, other=1.)
     t = tl.maximum(q.to(tl.float32), floor[None, :])
+    if ROW_STATS:
+        t_pow, norm, inv_pow_norm = _row_stats(t, mask, i_mask, P)
+        tl.store(norm_ptr + b * N + i, norm, mask=i_mask)
+        tl.store(inv_pow_norm_ptr + b * N + i, inv_pow_norm, mask=i_mask)
+        return t_pow * inv_pow_norm[:, None], 1e-6 / tl.where(i_mask, norm, 1.)
     inv_pow_norm = tl.load(inv_pow_norm_ptr + b * N + i, mask=i_mask, other=0.)
     eps = 1e-6 / tl.load(norm_ptr + b * N + i, mask=i_mask, other=1.)
     return tl.where(mask, _power(t, P) * inv_pow_norm[:, None], 0.), eps
@@ -132,7 +154,7 @@ def _load_unit_q(q_ptr, floor, norm_ptr, inv_pow_norm_ptr, b, i, i_mask, cols, d
 @triton.jit
 def _attn_out(q_ptr, floor_ptr, norm_ptr, inv_pow_norm_ptr, state_ptr, res_ptr, out_ptr, N, H, D,
               stride_qb, stride_qn, stride_rb, stride_rn, stride_ob, stride_on,
-              P: tl.constexpr, HAS_RES: tl.constexpr, IEEE: tl.constexpr,
+              P: tl.constexpr, HAS_RES: tl.constexpr, IEEE: tl.constexpr, ROW_STATS: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
@@ -142,7 +164,7 @@ def _attn_out(q_ptr, floor_ptr, norm_ptr, inv_pow_norm_ptr, state_ptr, res_ptr, 
     cols = h * D + d
     floor = tl.load(floor_ptr + cols, mask=d_mask, other=1.)
     u, eps = _load_unit_q(q_ptr, floor, norm_ptr, inv_pow_norm_ptr, b, i, i_mask, cols, d_mask, N,
-                             stride_qb, stride_qn, P)
+                             stride_qb, stride_qn, P, ROW_STATS)
     S, z = _load_state(state_ptr, bh, d, d_mask, D)
     if IEEE:
         num = tl.dot(u, S, input_precision='ieee')
@@ -169,7 +191,7 @@ def _attn_out_bwd(q_ptr, floor_ptr, norm_ptr, inv_pow_norm_ptr, state_ptr, grad_
     cols = h * D + d
     floor = tl.load(floor_ptr + cols, mask=d_mask, other=1.)
     u, eps = _load_unit_q(q_ptr, floor, norm_ptr, inv_pow_norm_ptr, b, i, i_mask, cols, d_mask, N,
-                             stride_qb, stride_qn, P)
+                             stride_qb, stride_qn, P, False)
     S, z = _load_state(state_ptr, bh, d, d_mask, D)
     g = tl.load(grad_ptr + b * stride_gb + i[:, None] * stride_gn + cols[None, :], mask=mask, other=0.).to(
         tl.float32)
@@ -199,7 +221,7 @@ def _kv_state_bwd(k_ptr, v_ptr, floor_ptr, norm_ptr, inv_pow_norm_ptr, dstate_pt
     cols = h * D + d
     floor = tl.load(floor_ptr + cols, mask=d_mask, other=1.)
     phi = _load_phi_k(k_ptr, floor, norm_ptr, inv_pow_norm_ptr, b, j, j_mask, cols, d_mask, n,
-                         stride_kb, stride_kn, inv_n, P)
+                         stride_kb, stride_kn, inv_n, P, False)
     v = tl.load(v_ptr + b * stride_vb + j[:, None] * stride_vn + cols[None, :], mask=mask, other=0.).to(tl.float32)
     dS, dz = _load_state(dstate_ptr, bh, d, d_mask, D)
     # S = phi^T v and z = sum(phi): dphi = v dS^T + dz, dv = phi dS
@@ -302,22 +324,29 @@ class _FocusedLinearAttentionFn(torch.autograd.Function):
         # float32 dots in IEEE precision (not tf32), and under Triton's CPU interpreter for bfloat16 too, whose
         # bfloat16 tl.dot returns garbage there (numpy has no bfloat16); on a GPU bf16/fp16 use the tensor cores
         ieee = v.dtype == torch.float32 or (v.dtype == torch.bfloat16 and _INTERPRETED)
-        q_norm, q_inv_pow_norm = _kernel_statistics(q, floor, focusing_factor)
-        k_norm, k_inv_pow_norm = _kernel_statistics(k, floor, focusing_factor)
+        # one head: each tile holds whole rows, so the kernels below compute the per-token norms themselves
+        row_stats = num_heads == 1
+        if row_stats:
+            q_norm, q_inv_pow_norm, k_norm, k_inv_pow_norm = (
+                torch.empty(B * m, device=q.device, dtype=torch.float32) for m in (N, N, n, n))
+        else:
+            q_norm, q_inv_pow_norm = _kernel_statistics(q, floor, focusing_factor)
+            k_norm, k_inv_pow_norm = _kernel_statistics(k, floor, focusing_factor)
         chunk = _kv_chunk(n, B * num_heads, block_n, q.device)
         splits = triton.cdiv(n, chunk)
         partial = torch.empty(B * num_heads, splits, D, D + 1, device=q.device, dtype=torch.float32)
         _kv_state[(B * num_heads, splits)](
             k, v, floor, k_norm, k_inv_pow_norm, partial, n, num_heads, D, chunk, 1 / n,
             k.stride(0), k.stride(1), v.stride(0), v.stride(1), partial.stride(0), partial.stride(1),
-            P=focusing_factor, IEEE=ieee, BLOCK_N=block_n, BLOCK_D=block_d)
+            P=focusing_factor, IEEE=ieee, ROW_STATS=row_stats, BLOCK_N=block_n, BLOCK_D=block_d)
         state = partial.sum(1) if splits > 1 else partial[:, 0].contiguous()
         out = torch.empty(B, N, C, device=q.device, dtype=v.dtype)
         res = residual if residual is not None else out
         _attn_out[(triton.cdiv(N, block_m), B * num_heads)](
             q, floor, q_norm, q_inv_pow_norm, state, res, out, N, num_heads, D,
             q.stride(0), q.stride(1), res.stride(0), res.stride(1), out.stride(0), out.stride(1),
-            P=focusing_factor, HAS_RES=residual is not None, IEEE=ieee, BLOCK_M=block_m, BLOCK_D=block_d)
+            P=focusing_factor, HAS_RES=residual is not None, IEEE=ieee, ROW_STATS=row_stats, BLOCK_M=block_m,
+            BLOCK_D=block_d)
         ctx.save_for_backward(q, k, v, floor, q_norm, q_inv_pow_norm, k_norm, k_inv_pow_norm, state)
         ctx.focusing_factor, ctx.num_heads, ctx.has_residual = focusing_factor, num_heads, residual is not None
         return out

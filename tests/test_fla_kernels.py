@@ -301,3 +301,22 @@ def test_training_keeps_no_float32_copies_of_q_and_k():
     assert large and all(t.dtype == torch.bfloat16 for t in large), [(t.dtype, tuple(t.shape)) for t in large]
     out.float().sum().backward()
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v, floor))
+
+
+@pytest.mark.parametrize('impl', ['torch', pytest.param('triton', marks=needs_triton)])
+def test_tokens_with_every_channel_at_the_floor_have_finite_gradients(impl):
+    """A token whose q or k is negative everywhere maps to the floor alone (t**3 ~ 1e-18): 1 / ||t**p|| cubed
+    overflows float32, so the backward must never form it (it did, and gave NaN in a detector's training)."""
+    q, k, v, residual, floor = make_inputs(2, 30, 30, 32, torch.float32, seed=11, requires_grad=False)
+    q, k = q.clone(), k.clone()
+    q[:, ::4], k[:, 1::5] = -q[:, ::4].abs(), -k[:, 1::5].abs()
+    q, k, v, residual, floor = (t.detach().requires_grad_() for t in (q, k, v, residual, floor))
+    out = run_focused_linear_attention(q, k, v, floor, 3, 2, residual, attn_impl=impl)
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v, floor), grad)
+    ref_inputs = [t.detach().double().requires_grad_() for t in (q, k, v, floor)]
+    ref = spec_attention(*ref_inputs, 3, 2, residual.double())
+    ref_grads = torch.autograd.grad(ref, ref_inputs, grad.double())
+    for name, g, r in zip(('q', 'k', 'v', 'floor'), grads, ref_grads):
+        assert torch.isfinite(g).all(), name
+        assert relative_error(g, r) < 1e-3, name

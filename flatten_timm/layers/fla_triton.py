@@ -253,18 +253,20 @@ def _kernel_bwd(x_ptr, floor_ptr, norm_ptr, inv_pow_norm_ptr, dy_ptr, dden_ptr, 
     norm = tl.load(norm_ptr + r, mask=r_mask, other=1.)
     a = tl.load(inv_pow_norm_ptr + r, mask=r_mask, other=0.)
     dy = tl.load(dy_ptr + r[:, None] * C + c[None, :], mask=mask, other=0.)
-    dy_dot_pow = tl.sum(dy * t_pow, axis=1)
+    u = t_pow * a[:, None]  # t**p / ||t**p||
+    dy_dot_u = tl.sum(dy * u, axis=1)
+    # a alone, never a**3: where every channel is at the floor, a**3 overflows float32
     if IS_QUERY:
-        # u = P a with a = ||P||^-1: dP = a dy - a^3 (dy . P) P;  e = 1e-6 / ||t||: dt = -e / ||t||^2 t de
+        # u = P a with a = ||P||^-1: dP = a (dy - (dy . u) u);  e = 1e-6 / ||t||: dt = -e / ||t||^2 t de
         h = tl.arange(0, BLOCK_H)
         dden = tl.sum(tl.load(dden_ptr + r[:, None] * H + h[None, :], mask=r_mask[:, None] & (h < H)[None, :],
                               other=0.), axis=1)
-        d_pow = a[:, None] * dy - (a * a * a * dy_dot_pow)[:, None] * t_pow
-        dt = d_pow * _power_grad(t, P) - (1e-6 * dden / (norm * norm * norm))[:, None] * t
+        d_pow = a[:, None] * (dy - dy_dot_u[:, None] * u)
+        dt = d_pow * _power_grad(t, P) - (1e-6 / norm * dden / (norm * norm))[:, None] * t
     else:
-        # y = P ||t|| a / n: dP = ||t|| / n (a dy - a^3 (dy . P) P), and through ||t||: (dy . P) a / n t / ||t||
-        d_pow = (norm * inv_n)[:, None] * (a[:, None] * dy - (a * a * a * dy_dot_pow)[:, None] * t_pow)
-        dt = d_pow * _power_grad(t, P) + (dy_dot_pow * a * inv_n / norm)[:, None] * t
+        # y = u ||t|| / n: dP = ||t|| a / n (dy - (dy . u) u), and through ||t||: (dy . u) / n t / ||t||
+        d_pow = (norm * a * inv_n)[:, None] * (dy - dy_dot_u[:, None] * u)
+        dt = d_pow * _power_grad(t, P) + (dy_dot_u * inv_n / norm)[:, None] * t
     dt = tl.where(mask, dt, 0.)
     above = x > floor[None, :]
     tl.store(dx_ptr + r[:, None] * C + c[None, :], tl.where(above, dt, 0.), mask=mask)

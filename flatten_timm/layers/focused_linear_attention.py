@@ -85,12 +85,13 @@ class _FocusedQueries(torch.autograd.Function):
         q, floor, t_norm, a = ctx.saved_tensors
         t = torch.maximum(q.to(a.dtype), floor)
         t_pow_grad = t ** (ctx.p - 1)
-        t_pow = t_pow_grad * t
+        u = t_pow_grad * t * a
         du = du.to(a.dtype)
-        # u = P a with a = 1 / ||P||: dP = a du - a^3 (du . P) P;  e = 1e-6 / ||t||: dt = -1e-6 de / ||t||^3 t
-        dt = (a * du - a ** 3 * (du * t_pow).sum(-1, keepdim=True) * t_pow) * t_pow_grad.mul_(ctx.p)
+        # u = P a with a = 1 / ||P||: dP = a (du - (du . u) u), in this order: a alone overflows a**3 where every
+        # channel is at the floor;  e = 1e-6 / ||t||: dt = -e de / ||t||^2 t
+        dt = a * (du - (du * u).sum(-1, keepdim=True) * u) * t_pow_grad.mul_(ctx.p)
         if de is not None:
-            dt = dt - (1e-6 * de / t_norm ** 3) * t
+            dt = dt - (1e-6 / t_norm * de / t_norm ** 2) * t
         return _through_max(q, floor, dt, ctx.needs_input_grad[1]) + (None, None)
 
 
@@ -114,12 +115,12 @@ class _FocusedKeys(torch.autograd.Function):
         k, floor, t_norm, a = ctx.saved_tensors
         t = torch.maximum(k.to(a.dtype), floor)
         t_pow_grad = t ** (ctx.p - 1)
-        t_pow = t_pow_grad * t
+        u = t_pow_grad * t * a  # t**p / ||t**p||
         dy = dy.to(a.dtype)
-        # y = P ||t|| a / n: dP = ||t|| / n (a dy - a^3 (dy . P) P), and through ||t||: (dy . P) a / n t / ||t||
-        dy_dot_pow = (dy * t_pow).sum(-1, keepdim=True)
-        dt = (t_norm / ctx.n) * (a * dy - a ** 3 * dy_dot_pow * t_pow) * t_pow_grad.mul_(ctx.p)
-        dt = dt + (dy_dot_pow * a / (ctx.n * t_norm)) * t
+        # y = u ||t|| / n: dP = ||t|| a / n (dy - (dy . u) u), and through ||t||: (dy . u) / n t / ||t||
+        dy_dot_u = (dy * u).sum(-1, keepdim=True)
+        dt = (t_norm * a / ctx.n) * (dy - dy_dot_u * u) * t_pow_grad.mul_(ctx.p)
+        dt = dt + (dy_dot_u / (ctx.n * t_norm)) * t
         return _through_max(k, floor, dt, ctx.needs_input_grad[1]) + (None, None, None)
 
 
@@ -375,7 +376,8 @@ class FocusedLinearAttention(nn.Module):
         bias = self.dwc.bias.repeat(self.num_heads) if self.dwc.bias is not None else None
         return weight, bias, self.dwc.padding[0]
 
-    def local_mixing(self, v: torch.Tensor, feat_size: Tuple[int, int], kernel: Optional[tuple] = None) -> torch.Tensor:
+    def local_mixing(self, v: torch.Tensor, feat_size: Tuple[int, int], kernel: Optional[tuple] = None
+                     ) -> torch.Tensor:
         """The local mixing of V on the query grid, all heads at once: (B, n, C) -> (B, H*W, C).
         kernel: `local_mixing_kernel()`'s result, if at hand."""
         C = v.shape[-1]
@@ -456,8 +458,9 @@ class FocusedLinearAttention(nn.Module):
         scratch = not torch.is_grad_enabled() and not torch.compiler.is_compiling() and not is_exporting()
         pe = self._scaled_key_encoding(key_size, inv_scale, k.dtype)
         k = k.add_(pe) if scratch else k + pe
-        x = run_focused_linear_attention(
-            q, k, v, floor, self.focusing_factor, self.num_heads, residual=self.local_mixing(v, feat_size, mixing_kernel), attn_impl=impl, overwrite_inputs=scratch)
+        residual = self.local_mixing(v, feat_size, mixing_kernel)
+        x = run_focused_linear_attention(q, k, v, floor, self.focusing_factor, self.num_heads, residual=residual,
+                                         attn_impl=impl, overwrite_inputs=scratch)
         return self.proj_drop(self.proj(x))
 
 

@@ -71,13 +71,13 @@ class _FocusedQueries(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, floor, p: float, out_dtype: torch.dtype):
-        t = torch.maximum(q.to(torch.promote_types(q.dtype, torch.float32)), floor)
+        t = torch.maximum(q, floor)  # floor is float32 or wider: the max promotes a lower-precision q
         t_norm = torch.linalg.vector_norm(t, dim=-1, keepdim=True)
         t_pow = t.pow_(p)
         inv_pow_norm = 1 / torch.linalg.vector_norm(t_pow, dim=-1, keepdim=True)
         ctx.save_for_backward(q, floor, t_norm, inv_pow_norm)
         ctx.p = p
-        return t_pow.mul_(inv_pow_norm).to(out_dtype), 1e-6 / t_norm
+        return _rounded(torch.mul, t_pow, inv_pow_norm, out_dtype), 1e-6 / t_norm
 
     @staticmethod
     @once_differentiable
@@ -101,13 +101,13 @@ class _FocusedKeys(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, k, floor, p: float, n: int, out_dtype: torch.dtype):
-        t = torch.maximum(k.to(torch.promote_types(k.dtype, torch.float32)), floor)
+        t = torch.maximum(k, floor)
         t_norm = torch.linalg.vector_norm(t, dim=-1, keepdim=True)
         t_pow = t.pow_(p)
         inv_pow_norm = 1 / torch.linalg.vector_norm(t_pow, dim=-1, keepdim=True)
         ctx.save_for_backward(k, floor, t_norm, inv_pow_norm)
         ctx.p, ctx.n = p, n
-        return t_pow.mul_(t_norm * inv_pow_norm / n).to(out_dtype)
+        return _rounded(torch.mul, t_pow, t_norm * inv_pow_norm / n, out_dtype)
 
     @staticmethod
     @once_differentiable
@@ -122,6 +122,11 @@ class _FocusedKeys(torch.autograd.Function):
         dt = (t_norm * a / ctx.n) * (dy - dy_dot_u * u) * t_pow_grad.mul_(ctx.p)
         dt = dt + (dy_dot_u / (ctx.n * t_norm)) * t
         return _through_max(k, floor, dt, ctx.needs_input_grad[1]) + (None, None, None)
+
+
+def _rounded(op, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """op(x, y) rounded to dtype in the same pass, written over x (scratch) when x already has that dtype."""
+    return op(x, y, out=x if x.dtype == dtype else torch.empty_like(x, dtype=dtype))
 
 
 def _through_max(x: torch.Tensor, floor: torch.Tensor, dt: torch.Tensor, floor_grad: bool):
@@ -169,8 +174,8 @@ def focused_linear_attention(
     overwrite_inputs = overwrite_inputs and in_place
 
     def powered(x):  # the kernel t, t**p, and the L2 norms over C of both
-        x = x.to(compute)
-        t = torch.maximum(x, floor, out=x) if overwrite_inputs else torch.maximum(x, floor)
+        # max() promotes a lower-precision x to the floor's float32 in its own pass
+        t = torch.maximum(x, floor, out=x) if overwrite_inputs and x.dtype == compute else torch.maximum(x, floor)
         t_norm = torch.linalg.vector_norm(t, dim=-1, keepdim=True)
         t_pow = t.pow_(focusing_factor) if in_place else t ** focusing_factor
         return t_norm, t_pow, torch.linalg.vector_norm(t_pow, dim=-1, keepdim=True)
@@ -184,13 +189,15 @@ def focused_linear_attention(
         k_norm, k_pow, k_pow_norm = powered(k)
         # phi(k) / n: the 1 / n of k^T v / n rides in the per-token norm ratio (and keeps fp16 in range)
         k_ratio = k_norm / (k_pow_norm * n)
-        k_phi = (k_pow.mul_(k_ratio) if in_place else k_pow * k_ratio).to(v.dtype)
+        # the last scaling of each also rounds to v's dtype: one pass
+        k_phi = _rounded(torch.mul, k_pow, k_ratio, v.dtype) if in_place else (k_pow * k_ratio).to(v.dtype)
         if v.dtype in (torch.float16, torch.bfloat16):
             # unit-norm queries stay inside the fp16 range (an all-negative query maps to ~1e-6)
-            q_pow, eps = q_pow / q_pow_norm, 1e-6 / q_norm
+            eps = 1e-6 / q_norm
+            q_pow = _rounded(torch.div, q_pow, q_pow_norm, v.dtype) if in_place else (q_pow / q_pow_norm).to(v.dtype)
         else:
             eps = 1e-6 * q_pow_norm / q_norm
-        q_pow = q_pow.to(v.dtype)
+            q_pow = q_pow.to(v.dtype)
     if exporting or (num_heads > 1 and B * N <= _BATCHED_HEADS_MAX_TOKENS):
         # few tokens: one matmul over all heads beats a Python loop of small ops (the copies are small);
         # an exported graph takes this path at every size (B and N are symbols there)

@@ -209,3 +209,18 @@ def test_profile_script_charges_each_part_its_time(tmp_path):
     assert parts['attention'] > 0 and parts['mlp'] > 0 and parts['embed'] > 0 and parts['other'] >= 0
     assert abs(sum(parts.values()) - report['step_ms']) < 0.01
     assert report['top_kernels'] and all(k['ms'] >= 0 and k['calls'] >= 1 for k in report['top_kernels'])
+
+
+def test_inference_on_the_gpu_code_path_launches_no_per_call_parameter_ops():
+    """scripts/count_ops.py on FLatten-PVTv2-b0: after the first call, inference runs no op that only derives
+    values from the parameters (the softplus of the scale, the repeats of the folded weights and kernels), and
+    its op count (a GPU's launches) stays where this work brought it (520 before)."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / 'scripts' / 'count_ops.py'
+    spec = importlib.util.spec_from_file_location('count_ops', path)
+    count_ops = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(count_ops)
+    counter = count_ops.count('flatten_pvt_v2_b0', img_size=64, batch_size=1)
+    assert not {'softplus', 'repeat'} & set(counter.calls), counter.calls
+    assert sum(counter.calls.values()) <= 340

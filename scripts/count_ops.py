@@ -1,0 +1,75 @@
+""" Ops and bytes of one forward on the GPU code path, counted on any machine: a proxy for launches and memory traffic.
+
+Runs each model once on the CPU under bf16 autocast without autograd and with the CPU-only fused kernels off
+(the ops a GPU runs with attn_impl='torch'), and counts every aten op that is not a view, with the bytes of
+its tensor inputs and outputs. A bf16 forward of these models on a GPU is bound by launches and memory
+traffic, so fewer ops and bytes there mean a faster GPU forward; the counts need no GPU.
+
+    python scripts/count_ops.py flatten_pvt_v2_b0 pvt_v2_b0 [--img-size 224] [-b 8] [--top 12]
+"""
+import argparse
+import collections
+
+import timm
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+import flatten_timm  # noqa: F401  (registers the models)
+from flatten_timm.layers import set_cpu_fusion
+
+# ops that only describe existing memory: no kernel, no traffic
+VIEWS = {'view', '_unsafe_view', 'reshape', '_reshape_alias', 'permute', 'transpose', 't', 'expand', 'slice',
+         'select', 'split', 'split_with_sizes', 'chunk', 'unsqueeze', 'squeeze', 'as_strided', 'alias', 'unbind',
+         'detach', 'lift_fresh', 'narrow', 'promote_types'}
+
+
+class OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = collections.Counter()
+        self.bytes = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name not in VIEWS:
+            self.calls[name] += 1
+            self.bytes[name] += sum(t.numel() * t.element_size() for t in tree_flatten((args, kwargs, out))[0]
+                                    if isinstance(t, torch.Tensor) and t.numel() > 1)
+        return out
+
+
+def count(name: str, img_size: int = 224, batch_size: int = 8) -> OpCounter:
+    torch.manual_seed(0)
+    model = timm.create_model(name).eval()
+    x = torch.randn(batch_size, 3, img_size, img_size)
+    fused = set_cpu_fusion(False)
+    try:
+        with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+            model(x)  # caches filled, as in every call after the first
+            with OpCounter() as counter:
+                model(x)
+    finally:
+        set_cpu_fusion(fused)
+    return counter
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('models', nargs='+')
+    parser.add_argument('--img-size', type=int, default=224)
+    parser.add_argument('-b', '--batch-size', type=int, default=8)
+    parser.add_argument('--top', type=int, default=0, help='also list the ops that move the most bytes')
+    args = parser.parse_args()
+    print(f'one bf16 forward, {args.img_size} px, batch {args.batch_size}, ops of the GPU code path\n')
+    print('| model | ops | MB read + written |\n|---|---|---|')
+    counters = {name: count(name, args.img_size, args.batch_size) for name in args.models}
+    for name, c in counters.items():
+        print(f'| {name} | {sum(c.calls.values())} | {sum(c.bytes.values()) / 1e6:.0f} |')
+    for name, c in counters.items() if args.top else ():
+        print(f'\n{name}: ' + ', '.join(f'{op} {c.calls[op]}x {b / 1e6:.0f} MB' for op, b in c.bytes.most_common(args.top)))
+
+
+if __name__ == '__main__':
+    main()

@@ -18,10 +18,11 @@ from torch.utils._pytree import tree_flatten
 import flatten_timm  # noqa: F401  (registers the models)
 from flatten_timm.layers import set_cpu_fusion
 
-# ops that only describe existing memory: no kernel, no traffic
-VIEWS = {'view', '_unsafe_view', 'reshape', '_reshape_alias', 'permute', 'transpose', 't', 'expand', 'slice',
-         'select', 'split', 'split_with_sizes', 'chunk', 'unsqueeze', 'squeeze', 'as_strided', 'alias', 'unbind',
-         'detach', 'lift_fresh', 'narrow', 'promote_types'}
+# ops that launch no kernel: views of existing memory and allocations
+NO_KERNEL = {'view', '_unsafe_view', 'reshape', '_reshape_alias', 'permute', 'transpose', 't', 'expand', 'slice',
+             'select', 'split', 'split_with_sizes', 'chunk', 'unsqueeze', 'squeeze', 'as_strided', 'alias',
+             'unbind', 'detach', 'lift_fresh', 'narrow', 'promote_types', 'empty', 'empty_like', 'empty_strided',
+             'new_empty', 'new_empty_strided'}
 
 
 class OpCounter(TorchDispatchMode):
@@ -33,7 +34,7 @@ class OpCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
-        if name not in VIEWS:
+        if name not in NO_KERNEL:
             self.calls[name] += 1
             self.bytes[name] += sum(t.numel() * t.element_size() for t in tree_flatten((args, kwargs, out))[0]
                                     if isinstance(t, torch.Tensor) and t.numel() > 1)

@@ -214,7 +214,7 @@ def test_profile_script_charges_each_part_its_time(tmp_path):
 def test_inference_on_the_gpu_code_path_launches_no_per_call_parameter_ops():
     """scripts/count_ops.py on FLatten-PVTv2-b0: after the first call, inference runs no op that only derives
     values from the parameters (the softplus of the scale, the repeats of the folded weights and kernels), and
-    its op count (a GPU's launches) stays where this work brought it (520 before)."""
+    its op count (a GPU's launches) stays where this work brought it (300 here; 508 before)."""
     import importlib.util
     from pathlib import Path
     path = Path(__file__).resolve().parents[1] / 'scripts' / 'count_ops.py'
@@ -223,4 +223,4 @@ def test_inference_on_the_gpu_code_path_launches_no_per_call_parameter_ops():
     spec.loader.exec_module(count_ops)
     counter = count_ops.count('flatten_pvt_v2_b0', img_size=64, batch_size=1)
     assert not {'softplus', 'repeat'} & set(counter.calls), counter.calls
-    assert sum(counter.calls.values()) <= 320
+    assert sum(counter.calls.values()) <= 310

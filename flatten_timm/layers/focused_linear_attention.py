@@ -62,6 +62,16 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_head
     return x.transpose(1, 2).reshape(B, N, C)
 
 
+def _kernel_powers(x: torch.Tensor, floor: torch.Tensor, p: float, in_place: bool, overwrite: bool = False):
+    """||t||, t**p and ||t**p|| (L2 over C) of the kernel t = max(x, floor), in floor's dtype (float32 or wider:
+    max() promotes a lower-precision x in its own pass). in_place: t**p over t; overwrite: t over x, when x
+    has floor's dtype."""
+    t = torch.maximum(x, floor, out=x) if overwrite and x.dtype == floor.dtype else torch.maximum(x, floor)
+    t_norm = torch.linalg.vector_norm(t, dim=-1, keepdim=True)
+    t_pow = t.pow_(p) if in_place else t ** p
+    return t_norm, t_pow, torch.linalg.vector_norm(t_pow, dim=-1, keepdim=True)
+
+
 class _FocusedQueries(torch.autograd.Function):
     """Unit queries u = t**p / ||t**p|| (in out_dtype) and the normaliser's e = 1e-6 / ||t|| of t = max(q, floor).
 
@@ -71,10 +81,8 @@ class _FocusedQueries(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, floor, p: float, out_dtype: torch.dtype):
-        t = torch.maximum(q, floor)  # floor is float32 or wider: the max promotes a lower-precision q
-        t_norm = torch.linalg.vector_norm(t, dim=-1, keepdim=True)
-        t_pow = t.pow_(p)
-        inv_pow_norm = 1 / torch.linalg.vector_norm(t_pow, dim=-1, keepdim=True)
+        t_norm, t_pow, pow_norm = _kernel_powers(q, floor, p, in_place=True)
+        inv_pow_norm = 1 / pow_norm
         ctx.save_for_backward(q, floor, t_norm, inv_pow_norm)
         ctx.p = p
         return _rounded(torch.mul, t_pow, inv_pow_norm, out_dtype), 1e-6 / t_norm
@@ -101,10 +109,8 @@ class _FocusedKeys(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, k, floor, p: float, n: int, out_dtype: torch.dtype):
-        t = torch.maximum(k, floor)
-        t_norm = torch.linalg.vector_norm(t, dim=-1, keepdim=True)
-        t_pow = t.pow_(p)
-        inv_pow_norm = 1 / torch.linalg.vector_norm(t_pow, dim=-1, keepdim=True)
+        t_norm, t_pow, pow_norm = _kernel_powers(k, floor, p, in_place=True)
+        inv_pow_norm = 1 / pow_norm
         ctx.save_for_backward(k, floor, t_norm, inv_pow_norm)
         ctx.p, ctx.n = p, n
         return _rounded(torch.mul, t_pow, t_norm * inv_pow_norm / n, out_dtype)
@@ -173,20 +179,13 @@ def focused_linear_attention(
     in_place = not torch.is_grad_enabled() and not exporting
     overwrite_inputs = overwrite_inputs and in_place
 
-    def powered(x):  # the kernel t, t**p, and the L2 norms over C of both
-        # max() promotes a lower-precision x to the floor's float32 in its own pass
-        t = torch.maximum(x, floor, out=x) if overwrite_inputs and x.dtype == compute else torch.maximum(x, floor)
-        t_norm = torch.linalg.vector_norm(t, dim=-1, keepdim=True)
-        t_pow = t.pow_(focusing_factor) if in_place else t ** focusing_factor
-        return t_norm, t_pow, torch.linalg.vector_norm(t_pow, dim=-1, keepdim=True)
-
     if torch.is_grad_enabled() and not exporting and (q.requires_grad or k.requires_grad or floor.requires_grad):
         # unit queries; t and t**p are recomputed in backward instead of kept (a third of the layer's memory)
         q_pow, eps = _FocusedQueries.apply(q, floor, focusing_factor, v.dtype)
         k_phi = _FocusedKeys.apply(k, floor, focusing_factor, n, v.dtype)
     else:
-        q_norm, q_pow, q_pow_norm = powered(q)
-        k_norm, k_pow, k_pow_norm = powered(k)
+        q_norm, q_pow, q_pow_norm = _kernel_powers(q, floor, focusing_factor, in_place, overwrite_inputs)
+        k_norm, k_pow, k_pow_norm = _kernel_powers(k, floor, focusing_factor, in_place, overwrite_inputs)
         # phi(k) / n: the 1 / n of k^T v / n rides in the per-token norm ratio (and keeps fp16 in range)
         k_ratio = k_norm / (k_pow_norm * n)
         # the last scaling of each also rounds to v's dtype: one pass

@@ -135,3 +135,20 @@ def test_inference_reuses_what_it_folds_from_the_parameters(sr_ratio, monkeypatc
     assert len(copy.deepcopy(attn)._folded) == 0 and len(pickle.loads(pickle.dumps(attn))._folded) == 0
     attn(x, (8, 10)).sum().backward()  # training: gradients reach the parameters folded into the projections
     assert attn.scale.grad.abs().sum() > 0 and attn.dwc.weight.grad.abs().sum() > 0
+
+
+def test_parameter_cache_keeps_the_recent_keys_only():
+    """A detector fed ever new sizes keeps the resized tables of its recent sizes, not of all."""
+    from flatten_timm.layers.parameter_cache import ParameterCache
+    cache, table, computed = ParameterCache(max_entries=3), torch.zeros(4), []
+    with torch.no_grad():
+        for key in (1, 2, 3, 1, 4):  # 1 used again: 2 is the least recently used when 4 comes
+            cache.get(key, (table,), lambda: computed.append(key) or key)
+        assert list(cache._entries) == [3, 1, 4] and computed == [1, 2, 3, 4]
+        cache.get(2, (table,), lambda: computed.append(2) or 2)
+        assert computed[-1] == 2 and len(cache) == 3
+    attn = FocusedLinearAttention(16, 2, grid_size=(4, 4)).eval()
+    with torch.no_grad():
+        for size in range(5, 30):
+            attn(torch.randn(1, size * 3, 16), (size, 3))
+    assert len(attn._folded) <= attn._folded.max_entries and len(attn._resize_pe._cache) <= 16

@@ -5,7 +5,8 @@ positional encoding and sums its depthwise kernels on every call: a dozen small 
 the parameters. In inference they are computed once and reused, which spares a small map (a detector
 neck's) most of its per-call overhead and a GPU a dozen kernel launches per layer.
 """
-from typing import Callable, Dict, Hashable, Iterable, Tuple, TypeVar
+from collections import OrderedDict
+from typing import Callable, Hashable, Iterable, TypeVar
 
 import torch
 
@@ -24,11 +25,13 @@ class ParameterCache:
     recomputed when one of its sources changes in place (its version counter: optimizer steps,
     load_state_dict) or is replaced (its storage, dtype or device); modules that hold a cache clear it in
     `_apply` (`.to()`, `.half()`, `.cuda()`), where a freed storage's address may be reused at once.
-    Copies and pickles of the owner start empty.
+    At most `max_entries` keys are kept, the least recently used going first: a detector fed images of
+    ever new sizes keeps the tables of its recent sizes, not of all. Copies and pickles start empty.
     """
 
-    def __init__(self):
-        self._entries: Dict[Hashable, Tuple[tuple, object]] = {}
+    def __init__(self, max_entries: int = 16):
+        self.max_entries = max_entries
+        self._entries: 'OrderedDict[Hashable, tuple]' = OrderedDict()
 
     @staticmethod
     def active() -> bool:
@@ -42,6 +45,9 @@ class ParameterCache:
         entry = self._entries.get(key)
         if entry is None or entry[0] != stamp:
             entry = self._entries[key] = (stamp, compute())
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+        self._entries.move_to_end(key)
         return entry[1]
 
     def clear(self):
@@ -51,10 +57,10 @@ class ParameterCache:
         return len(self._entries)
 
     def __deepcopy__(self, memo):
-        return ParameterCache()
+        return ParameterCache(self.max_entries)
 
     def __getstate__(self):
-        return {}
+        return {'max_entries': self.max_entries}
 
     def __setstate__(self, state):
-        self._entries = {}
+        self.__init__(**state)

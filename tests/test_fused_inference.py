@@ -107,7 +107,8 @@ def test_modules_keep_timm_state_dicts_and_outputs(calls):
 
 
 def test_mlps_run_large_batches_in_chunks_of_whole_images(monkeypatch, calls):
-    """A batch whose hidden activation exceeds the chunk budget runs in chunks of images, with the same output."""
+    """A batch whose hidden activation exceeds the chunk budget runs in chunks of images, with the same output,
+    eager and compiled."""
     torch.manual_seed(0)
     x = torch.randn(5, 6 * 5, 16)
     for theirs, ours in ((TimmMlp(16, 64), Mlp(16, 64)),
@@ -120,7 +121,15 @@ def test_mlps_run_large_batches_in_chunks_of_whole_images(monkeypatch, calls):
         with torch.no_grad():
             torch.testing.assert_close(ours(*args), theirs(*args), rtol=1e-5, atol=1e-5)
         assert calls['linear'] - before == 3 * 2
-    assert calls['conv2d'] == 3
+        # and compiled: the MLP is one op of the graph, which runs the chunks inside
+        torch._dynamo.reset()
+        before = calls['linear']
+        with torch.no_grad():
+            compiled = torch.compile(ours, fullgraph=True, backend='aot_eager')(*args)
+        torch.testing.assert_close(compiled, theirs(*args), rtol=1e-5, atol=1e-5)
+        assert calls['linear'] - before == 3 * 2
+    assert calls['conv2d'] == 3 * 2
+    torch._dynamo.reset()
 
 
 def test_train_mode_dropout_keeps_the_plain_path(calls):
@@ -170,6 +179,8 @@ def test_compiled_inference_runs_the_primitives_as_custom_ops(name, calls):
         seen = set()
         compiled = _compile_recording_ops(model, seen)(x)
         assert 'flatten_timm.onednn_linear.default' in seen
+        # each MLP is one op, which runs the batch in chunks of images inside
+        assert {'flatten_timm.onednn_mlp.default', 'flatten_timm.onednn_mlp_dwconv.default'} & seen, seen
         assert not any(op.startswith('mkldnn.') for op in seen), seen
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
         torch._dynamo.reset()
@@ -192,6 +203,12 @@ def test_custom_ops_declare_the_real_shapes_and_strides():
     for image in (tokens_as_map, one_as_map, torch.randn(2, 16, 4, 5)):
         torch.library.opcheck(fused_inference._compiled_conv2d,
                               (image, torch.randn(16, 1, 3, 3), torch.randn(16), [1, 1], 16, 'gelu', 'none'))
+    tokens = torch.randn(3, 20, 16)
+    torch.library.opcheck(fused_inference._compiled_mlp,
+                          (tokens, torch.randn(32, 16), torch.randn(32), torch.randn(16, 32), None, 'none'))
+    torch.library.opcheck(fused_inference._compiled_mlp_dwconv,
+                          (tokens, 4, 5, torch.randn(32, 16), torch.randn(32), True, torch.randn(32, 1, 3, 3),
+                           torch.randn(32), [1, 1], torch.randn(16, 32), torch.randn(16), 'tanh'))
 
 
 def test_a_failing_primitive_falls_back_with_one_warning(monkeypatch):

@@ -152,3 +152,16 @@ def test_parameter_cache_keeps_the_recent_keys_only():
         for size in range(5, 30):
             attn(torch.randn(1, size * 3, 16), (size, 3))
     assert len(attn._folded) <= attn._folded.max_entries and len(attn._resize_pe._cache) <= 16
+
+
+def test_swin_keeps_the_shift_masks_of_its_recent_map_sizes_only():
+    """Shift masks are cached per map size (an LruCache): a detector fed ever new image sizes must not pile
+    them up (at 800x1344 one stage-1 mask is 13 MB)."""
+    import timm
+    from test_models import TINY
+    model = timm.create_model('flatten_swin_tiny_patch4_224', **TINY['flatten_swin_tiny_patch4_224']).eval()
+    blocks = [m for m in model.modules() if hasattr(m, '_mask_cache')]
+    with torch.no_grad():
+        for width in range(64, 64 + 32 * 20, 32):  # a new window count in the shifted stage each time
+            model(torch.randn(1, 3, 64, width))
+    assert blocks and max(len(b._mask_cache) for b in blocks) == blocks[0]._mask_cache.max_entries

@@ -12,36 +12,24 @@ import torch
 
 from .symbolic_shapes import is_symbolic
 
-__all__ = ['ParameterCache']
+__all__ = ['LruCache', 'ParameterCache']
 
 T = TypeVar('T')
 
 
-class ParameterCache:
-    """ Values computed from parameters, reused while the parameters stay the same.
-
-    `get(key, sources, compute)` returns compute(), kept under `key` while no autograd graph is recorded
-    and no graph is traced (under torch.compile or export the computation stays in the graph). An entry is
-    recomputed when one of its sources changes in place (its version counter: optimizer steps,
-    load_state_dict) or is replaced (its storage, dtype or device); modules that hold a cache clear it in
-    `_apply` (`.to()`, `.half()`, `.cuda()`), where a freed storage's address may be reused at once.
-    At most `max_entries` keys are kept, the least recently used going first: a detector fed images of
-    ever new sizes keeps the tables of its recent sizes, not of all. Copies and pickles start empty.
+class LruCache:
+    """ Values by key, at most `max_entries` of them, the least recently used going first: a model fed
+    images of ever new sizes keeps what it computed for its recent sizes, not for all. Copies and pickles
+    of the owner start empty.
     """
 
     def __init__(self, max_entries: int = 16):
         self.max_entries = max_entries
         self._entries: 'OrderedDict[Hashable, tuple]' = OrderedDict()
 
-    @staticmethod
-    def active() -> bool:
-        """Whether values may be reused: no gradient to record, no graph being traced."""
-        return not torch.is_grad_enabled() and not is_symbolic()
-
-    def get(self, key: Hashable, sources: Iterable[torch.Tensor], compute: Callable[[], T]) -> T:
-        if not self.active():
-            return compute()
-        stamp = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in sources)
+    def lookup(self, key: Hashable, compute: Callable[[], T], stamp: tuple = ()) -> T:
+        """The value kept under `key`, or compute()'s, kept; also recomputed when `stamp` differs from the
+        stamp the value was kept with."""
         entry = self._entries.get(key)
         if entry is None or entry[0] != stamp:
             entry = self._entries[key] = (stamp, compute())
@@ -57,10 +45,32 @@ class ParameterCache:
         return len(self._entries)
 
     def __deepcopy__(self, memo):
-        return ParameterCache(self.max_entries)
+        return type(self)(self.max_entries)
 
     def __getstate__(self):
         return {'max_entries': self.max_entries}
 
     def __setstate__(self, state):
         self.__init__(**state)
+
+
+class ParameterCache(LruCache):
+    """ Values computed from parameters, reused while the parameters stay the same.
+
+    `get(key, sources, compute)` returns compute(), kept under `key` while no autograd graph is recorded
+    and no graph is traced (under torch.compile or export the computation stays in the graph). An entry is
+    recomputed when one of its sources changes in place (its version counter: optimizer steps,
+    load_state_dict) or is replaced (its storage, dtype or device); modules that hold a cache clear it in
+    `_apply` (`.to()`, `.half()`, `.cuda()`), where a freed storage's address may be reused at once.
+    At most `max_entries` keys are kept (see LruCache).
+    """
+
+    @staticmethod
+    def active() -> bool:
+        """Whether values may be reused: no gradient to record, no graph being traced."""
+        return not torch.is_grad_enabled() and not is_symbolic()
+
+    def get(self, key: Hashable, sources: Iterable[torch.Tensor], compute: Callable[[], T]) -> T:
+        if not self.active():
+            return compute()
+        return self.lookup(key, compute, stamp=tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in sources))

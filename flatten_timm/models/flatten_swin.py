@@ -10,7 +10,7 @@ Focused linear ('L') blocks use large windows (56 at 224, so the first two stage
 softmax ('S') blocks are the usual shifted 7x7 (12x12 at 384) window attention. Windows are padded
 and cropped, so any input size works.
 """
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -21,6 +21,7 @@ from timm.models.swin_transformer import PatchMerging as _TimmPatchMerging
 
 from flatten_timm.layers import (
     FocusedLinearAttention, Linear, Mlp, PatchEmbed, merge_windows, pad_nhwc, partition_windows, softmax_attention)
+from flatten_timm.layers.parameter_cache import LruCache
 from flatten_timm.layers.symbolic_shapes import (
     fresh_size, is_exporting, is_symbolic, is_torch_exporting, roll_hw, size_gt, size_min, tile_count, tile_padding)
 from ._base import (
@@ -114,7 +115,7 @@ class WindowAttention(nn.Module):
         self.proj = Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
         trunc_normal_(self.relative_position_bias_table, std=.02)
-        self._index_cache: Dict[tuple, torch.Tensor] = {}
+        self._index_cache = LruCache()
 
     def relative_position_bias(self, window: Size) -> torch.Tensor:
         if not is_exporting() and tuple(window) == self.window_size:
@@ -125,10 +126,8 @@ class WindowAttention(nn.Module):
             index = relative_position_index(window, self.window_size, device=self.relative_position_index.device)
         else:  # a smaller window (small feature map) reads the part of the table it covers
             device = self.relative_position_index.device
-            index = self._index_cache.get((tuple(window), device))
-            if index is None:
-                index = relative_position_index(window, self.window_size, device=device)
-                self._index_cache[(tuple(window), device)] = index
+            index = self._index_cache.lookup(
+                (tuple(window), device), lambda: relative_position_index(window, self.window_size, device=device))
         n = window[0] * window[1]
         return self.relative_position_bias_table[index.reshape(n * n)].reshape(n, n, self.num_heads).permute(2, 0, 1)
 
@@ -190,7 +189,7 @@ class FlattenSwinBlock(nn.Module):
         self.norm2 = norm_layer(dim, **dd)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop, **dd)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self._mask_cache: Dict[tuple, torch.Tensor] = {}
+        self._mask_cache = LruCache()  # masks per map size: the recent sizes' only
 
     def window_and_shift(self, feat_size: Size) -> Tuple[Size, Size, Size]:
         """Window count, window and shift for a map: windows of min(map, target window), none shifted where
@@ -203,10 +202,8 @@ class FlattenSwinBlock(nn.Module):
     def _shift_mask(self, counts: Size, window: Size, shift: Size, device) -> torch.Tensor:
         if is_symbolic():  # sizes may be symbols, and a cache filled in a compiled graph would recompile
             return shifted_window_mask(counts, window, shift, device=device)
-        key = (counts, window, shift, device)
-        if key not in self._mask_cache:
-            self._mask_cache[key] = shifted_window_mask(counts, window, shift, device=device)
-        return self._mask_cache[key]
+        return self._mask_cache.lookup(
+            (counts, window, shift, device), lambda: shifted_window_mask(counts, window, shift, device=device))
 
     def _attn(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape

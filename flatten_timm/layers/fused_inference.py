@@ -61,6 +61,11 @@ def cpu_fusion_enabled(x: torch.Tensor) -> bool:
             and x.numel() > 0)
 
 
+def _fusable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether the fused primitives serve x with these weights: fusion on for x, and weights of x's dtype."""
+    return cpu_fusion_enabled(x) and all(w.dtype == x.dtype for w in weights)
+
+
 def _frozen_compile() -> bool:
     # inductor's freezing fuses plain linears and convs with packed constant weights by itself
     if not torch.compiler.is_compiling():
@@ -142,7 +147,7 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     """F.linear(x, weight, bias), followed by GELU when `gelu` names its approximation ('none' or 'tanh'),
     or by ReLU."""
     attr, algorithm = ('gelu', gelu) if gelu else ('relu', '') if relu else ('none', '')
-    if not cpu_fusion_enabled(x) or weight.dtype != x.dtype:
+    if not _fusable(x, weight):
         return _activation(attr, algorithm)(F.linear(x, weight, bias))
     # eager calls the primitive directly: a custom op's dispatch costs more than the smallest linears
     linear = _compiled_linear if torch.compiler.is_compiling() else _linear_primitive
@@ -154,7 +159,7 @@ def fused_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     """F.conv2d(x, weight, bias, stride 1, padding, groups), followed by GELU when `gelu` names its approximation.
     The fused path returns a channels_last map."""
     attr, algorithm = ('gelu', gelu) if gelu else ('none', '')
-    if not cpu_fusion_enabled(x) or weight.dtype != x.dtype:
+    if not _fusable(x, weight):
         return _activation(attr, algorithm)(F.conv2d(x, weight, bias, padding=tuple(padding), groups=groups))
     conv2d = _compiled_conv2d if torch.compiler.is_compiling() else _conv2d_primitive
     return conv2d(x, weight, bias, list(padding), groups, attr, algorithm)
@@ -228,10 +233,6 @@ def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gelu):
 @_compiled_mlp_dwconv.register_fake
 def _(x, height, width, fc1_weight, fc1_bias, relu, conv_weight, conv_bias, padding, fc2_weight, fc2_bias, gelu):
     return x.new_empty((*x.shape[:-1], fc2_weight.shape[0]))
-
-
-def _fusable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    return cpu_fusion_enabled(x) and all(w.dtype == x.dtype for w in weights)
 
 
 @register_notrace_module

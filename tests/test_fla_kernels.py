@@ -279,15 +279,15 @@ def test_auto_selection_runs_the_real_implementations_with_gradients():
 
 
 @pytest.mark.parametrize('p', [3, 2.5])
-def test_focusing_functions_have_the_gradients_of_their_formulas(p):
-    """The torch path's focusing map with recomputing backward, against autograd's numerical gradients."""
-    import importlib
-    module = importlib.import_module('flatten_timm.layers.focused_linear_attention')
+@pytest.mark.parametrize('B, N, n, C, H', [(2, 5, 5, 6, 1), (1, 7, 4, 8, 2)])
+def test_torch_path_backward_has_the_gradients_of_its_formula(p, B, N, n, C, H):
+    """The torch path's backward (the focused maps and kv state recomputed from q and k, gradients by hand)
+    against numerical gradients, in float64, with about half of q and k below the floor."""
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 5, 6, generator=g, dtype=torch.float64).requires_grad_()  # about half below the floor
-    floor = (0.05 + torch.rand(6, generator=g, dtype=torch.float64)).requires_grad_()
-    torch.autograd.gradcheck(lambda x, f: module._FocusedQueries.apply(x, f, p, torch.float64), (x, floor))
-    torch.autograd.gradcheck(lambda x, f: module._FocusedKeys.apply(x, f, p, 5, torch.float64), (x, floor))
+    q, k, v, residual = (torch.randn(B, m, C, generator=g, dtype=torch.float64).requires_grad_()
+                         for m in (N, n, n, N))
+    floor = (0.05 + torch.rand(C, generator=g, dtype=torch.float64)).requires_grad_()
+    torch.autograd.gradcheck(lambda *a: focused_linear_attention(*a[:4], p, H, a[4]), (q, k, v, floor, residual))
 
 
 def test_training_keeps_no_float32_copies_of_q_and_k():

@@ -72,74 +72,89 @@ def _kernel_powers(x: torch.Tensor, floor: torch.Tensor, p: float, in_place: boo
     return t_norm, t_pow, torch.linalg.vector_norm(t_pow, dim=-1, keepdim=True)
 
 
-class _FocusedQueries(torch.autograd.Function):
-    """Unit queries u = t**p / ||t**p|| (in out_dtype) and the normaliser's e = 1e-6 / ||t|| of t = max(q, floor).
+class _FocusingKernel:
+    """t = max(x, floor) in float32 (or wider) and what the focusing map's backward needs of it: ||t||, t**(p-1),
+    a = 1 / ||t**p|| and the unit u = t**p a (norms over C). Recomputed in backward from x, which is kept."""
 
-    Keeps q and two numbers per token for backward, where t and t**p are recomputed: autograd through the
-    element-wise ops would keep three float32 copies of q.
-    """
+    def __init__(self, x: torch.Tensor, floor: torch.Tensor, p: float):
+        self.floor, self.p = floor, p
+        self.t = torch.maximum(x, floor)  # promotes x to floor's dtype
+        self.norm = torch.linalg.vector_norm(self.t, dim=-1, keepdim=True)
+        self.pow_grad = self.t ** (p - 1)  # t**p = t**(p-1) t, and d(t**p)/dt = p t**(p-1)
+        self.unit = self.pow_grad * self.t
+        self.inv_pow_norm = 1 / torch.linalg.vector_norm(self.unit, dim=-1, keepdim=True)
+        self.unit.mul_(self.inv_pow_norm)
 
-    @staticmethod
-    def forward(ctx, q, floor, p: float, out_dtype: torch.dtype):
-        t_norm, t_pow, pow_norm = _kernel_powers(q, floor, p, in_place=True)
-        inv_pow_norm = 1 / pow_norm
-        ctx.save_for_backward(q, floor, t_norm, inv_pow_norm)
-        ctx.p = p
-        return _rounded(torch.mul, t_pow, inv_pow_norm, out_dtype), 1e-6 / t_norm
+    def backward(self, dunit: torch.Tensor, unit_scale, dt_along_t=None) -> torch.Tensor:
+        """dt of unit_scale * u (+ dt_along_t * t) from dunit (consumed): unit_scale a (dunit - (dunit . u) u) p
+        t**(p-1) (a before any power: a cubed overflows where every channel is at the floor)."""
+        dot = (dunit * self.unit).sum(-1, keepdim=True)
+        dt = dunit.addcmul_(dot, self.unit, value=-1).mul_(self.pow_grad).mul_(unit_scale * self.inv_pow_norm * self.p)
+        return dt if dt_along_t is None else dt.addcmul_(dt_along_t, self.t)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, du, de):
-        q, floor, t_norm, a = ctx.saved_tensors
-        t = torch.maximum(q.to(a.dtype), floor)
-        t_pow_grad = t ** (ctx.p - 1)
-        u = t_pow_grad * t * a
-        du = du.to(a.dtype)
-        # u = P a with a = 1 / ||P||: dP = a (du - (du . u) u), in this order: a alone overflows a**3 where every
-        # channel is at the floor;  e = 1e-6 / ||t||: dt = -e de / ||t||^2 t
-        dt = a * (du - (du * u).sum(-1, keepdim=True) * u) * t_pow_grad.mul_(ctx.p)
-        if de is not None:
-            dt = dt - (1e-6 / t_norm * de / t_norm ** 2) * t
-        return _through_max(q, floor, dt, ctx.needs_input_grad[1]) + (None, None)
+    def through_max(self, dt: torch.Tensor, x_dtype: torch.dtype, floor_grad: bool):
+        """Gradients of x and (if floor_grad) of floor from dt (consumed), that of t = max(x, floor)."""
+        above = self.t > self.floor
+        dfloor = torch.where(above, 0., dt).flatten(0, -2).sum(0) if floor_grad else None
+        return dt.mul_(above).to(x_dtype), dfloor
 
 
-class _FocusedKeys(torch.autograd.Function):
-    """phi(k) / n = t**p ||t|| / (||t**p|| n) of t = max(k, floor), in out_dtype; as `_FocusedQueries`, keeps
-    only k and two numbers per token for backward."""
+class _FocusedLinearAttentionFn(torch.autograd.Function):
+    """`focused_linear_attention` with a backward that keeps only q, k and v (views of the projections, which
+    autograd keeps anyway) and recomputes the focused maps and the kv state from them: autograd through the
+    forward's ops kept phi(q), phi(k), the output's numerator and float32 copies of q and k per layer."""
 
     @staticmethod
-    def forward(ctx, k, floor, p: float, n: int, out_dtype: torch.dtype):
-        t_norm, t_pow, pow_norm = _kernel_powers(k, floor, p, in_place=True)
-        inv_pow_norm = 1 / pow_norm
-        ctx.save_for_backward(k, floor, t_norm, inv_pow_norm)
-        ctx.p, ctx.n = p, n
-        return _rounded(torch.mul, t_pow, t_norm * inv_pow_norm / n, out_dtype)
+    def forward(ctx, q, k, v, floor, p: float, num_heads: int, residual):
+        ctx.save_for_backward(q, k, v, floor)
+        ctx.p, ctx.num_heads, ctx.has_residual = p, num_heads, residual is not None
+        return focused_linear_attention(q, k, v, floor, p, num_heads, residual)  # the no-grad path
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dy):
-        k, floor, t_norm, a = ctx.saved_tensors
-        t = torch.maximum(k.to(a.dtype), floor)
-        t_pow_grad = t ** (ctx.p - 1)
-        u = t_pow_grad * t * a  # t**p / ||t**p||
-        dy = dy.to(a.dtype)
-        # y = u ||t|| / n: dP = ||t|| a / n (dy - (dy . u) u), and through ||t||: (dy . u) / n t / ||t||
-        dy_dot_u = (dy * u).sum(-1, keepdim=True)
-        dt = (t_norm * a / ctx.n) * (dy - dy_dot_u * u) * t_pow_grad.mul_(ctx.p)
-        dt = dt + (dy_dot_u / (ctx.n * t_norm)) * t
-        return _through_max(k, floor, dt, ctx.needs_input_grad[1]) + (None, None, None)
+    def backward(ctx, grad):
+        q, k, v, floor_param = ctx.saved_tensors
+        C, n, H = q.shape[-1], k.shape[1], ctx.num_heads
+        d = C // H
+        floor = floor_param.to(torch.promote_types(q.dtype, torch.float32))
+        queries, keys = _FocusingKernel(q, floor, ctx.p), _FocusingKernel(k, floor, ctx.p)
+        eps = 1e-6 / queries.norm  # the normaliser's 1e-6 over the per-token ratio that cancelled
+        u, k_phi = queries.unit.to(v.dtype), (keys.unit * (keys.norm / n)).to(v.dtype)  # as the forward's matmuls
+        du, dk_phi, dv, de = [], [], [], 0
+        # one head at a time on column slices, as the forward: the matmuls read them in place
+        for i in range(H):
+            cols = slice(i * d, (i + 1) * d)
+            u_i, k_i, v_i = u[..., cols], k_phi[..., cols], v[..., cols]
+            # the forward's [k^T v / n | mean k] and [numerator | normaliser] again
+            kv = torch.cat([torch.bmm(k_i.transpose(1, 2), v_i), k_i.sum(1).unsqueeze(-1)], dim=-1)
+            out = torch.bmm(u_i, kv).float()
+            normaliser = out[..., d:] + eps
+            dnumerator = grad[..., cols] / normaliser
+            dnormaliser = (dnumerator * out[..., :d]).sum(-1, keepdim=True).div_(normaliser).neg_()
+            dout = torch.cat([dnumerator, dnormaliser], dim=-1).to(v.dtype)
+            du.append(torch.bmm(dout, kv.transpose(1, 2)))
+            dkv = torch.bmm(u_i.transpose(1, 2), dout)
+            dstate, dsum = dkv[..., :d], dkv[..., d:]
+            dk_phi.append(torch.baddbmm(dsum.transpose(1, 2), v_i, dstate.transpose(1, 2)))
+            dv.append(torch.bmm(k_i, dstate))
+            de = de + dnormaliser
+        du, dk_phi, dv = (x[0] if H == 1 else torch.cat(x, dim=-1) for x in (du, dk_phi, dv))
+
+        # through the focusing maps: u = t**p / ||t**p|| and eps = 1e-6 / ||t|| of q; phi(k) / n = u ||t|| / n of k
+        dt_q = queries.backward(du.float(), 1., -eps * de / queries.norm ** 2)
+        dk_phi = dk_phi.float()
+        dk_dot_u = (dk_phi * keys.unit).sum(-1, keepdim=True)
+        dt_k = keys.backward(dk_phi, keys.norm / n, dk_dot_u / (n * keys.norm))
+        floor_grad = ctx.needs_input_grad[3]
+        dq, dfloor_q = queries.through_max(dt_q, q.dtype, floor_grad)
+        dk, dfloor_k = keys.through_max(dt_k, k.dtype, floor_grad)
+        dfloor = (dfloor_q + dfloor_k).to(floor_param.dtype) if floor_grad else None
+        return dq, dk, dv.to(v.dtype), dfloor, None, None, grad if ctx.has_residual else None
 
 
 def _rounded(op, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """op(x, y) rounded to dtype in the same pass, written over x (scratch) when x already has that dtype."""
     return op(x, y, out=x if x.dtype == dtype else torch.empty_like(x, dtype=dtype))
-
-
-def _through_max(x: torch.Tensor, floor: torch.Tensor, dt: torch.Tensor, floor_grad: bool):
-    """Gradients of x and floor (if floor_grad) from that of t = max(x, floor)."""
-    above = x > floor
-    dfloor = torch.where(above, 0., dt).reshape(-1, dt.shape[-1]).sum(0) if floor_grad else None
-    return torch.where(above, dt, 0.).to(x.dtype), dfloor
 
 
 _BATCHED_HEADS_MAX_TOKENS = 4096  # batch x tokens up to which all heads go through one matmul
@@ -168,35 +183,33 @@ def focused_linear_attention(
     overwrite_inputs: without autograd, q, k and residual may be used as scratch space (the module passes
     its own projections): no new buffers, which on a CPU also spares their first-touch page faults.
     """
+    exporting = is_exporting()
+    if torch.is_grad_enabled() and not exporting and any(
+            t is not None and t.requires_grad for t in (q, k, v, floor, residual)):
+        # backward recomputes the focused maps from q and k instead of keeping them
+        return _FocusedLinearAttentionFn.apply(q, k, v, floor, focusing_factor, num_heads, residual)
     B, N, C = q.shape
     n = k.shape[1]
     d = C // num_heads
-    compute = torch.promote_types(q.dtype, torch.float32)
-    floor = floor.to(compute)
+    floor = floor.to(torch.promote_types(q.dtype, torch.float32))
     # without autograd, powers and scalings overwrite their input: fewer allocations, fewer page faults
     # (not in an exported graph, whose runtime plans its own buffers)
-    exporting = is_exporting()
     in_place = not torch.is_grad_enabled() and not exporting
     overwrite_inputs = overwrite_inputs and in_place
 
-    if torch.is_grad_enabled() and not exporting and (q.requires_grad or k.requires_grad or floor.requires_grad):
-        # unit queries; t and t**p are recomputed in backward instead of kept (a third of the layer's memory)
-        q_pow, eps = _FocusedQueries.apply(q, floor, focusing_factor, v.dtype)
-        k_phi = _FocusedKeys.apply(k, floor, focusing_factor, n, v.dtype)
+    q_norm, q_pow, q_pow_norm = _kernel_powers(q, floor, focusing_factor, in_place, overwrite_inputs)
+    k_norm, k_pow, k_pow_norm = _kernel_powers(k, floor, focusing_factor, in_place, overwrite_inputs)
+    # phi(k) / n: the 1 / n of k^T v / n rides in the per-token norm ratio (and keeps fp16 in range)
+    k_ratio = k_norm / (k_pow_norm * n)
+    # the last scaling of each also rounds to v's dtype: one pass
+    k_phi = _rounded(torch.mul, k_pow, k_ratio, v.dtype) if in_place else (k_pow * k_ratio).to(v.dtype)
+    if v.dtype in (torch.float16, torch.bfloat16):
+        # unit-norm queries stay inside the fp16 range (an all-negative query maps to ~1e-6)
+        eps = 1e-6 / q_norm
+        q_pow = _rounded(torch.div, q_pow, q_pow_norm, v.dtype) if in_place else (q_pow / q_pow_norm).to(v.dtype)
     else:
-        q_norm, q_pow, q_pow_norm = _kernel_powers(q, floor, focusing_factor, in_place, overwrite_inputs)
-        k_norm, k_pow, k_pow_norm = _kernel_powers(k, floor, focusing_factor, in_place, overwrite_inputs)
-        # phi(k) / n: the 1 / n of k^T v / n rides in the per-token norm ratio (and keeps fp16 in range)
-        k_ratio = k_norm / (k_pow_norm * n)
-        # the last scaling of each also rounds to v's dtype: one pass
-        k_phi = _rounded(torch.mul, k_pow, k_ratio, v.dtype) if in_place else (k_pow * k_ratio).to(v.dtype)
-        if v.dtype in (torch.float16, torch.bfloat16):
-            # unit-norm queries stay inside the fp16 range (an all-negative query maps to ~1e-6)
-            eps = 1e-6 / q_norm
-            q_pow = _rounded(torch.div, q_pow, q_pow_norm, v.dtype) if in_place else (q_pow / q_pow_norm).to(v.dtype)
-        else:
-            eps = 1e-6 * q_pow_norm / q_norm
-            q_pow = q_pow.to(v.dtype)
+        eps = 1e-6 * q_pow_norm / q_norm
+        q_pow = q_pow.to(v.dtype)
     if exporting or (num_heads > 1 and B * N <= _BATCHED_HEADS_MAX_TOKENS):
         # few tokens: one matmul over all heads beats a Python loop of small ops (the copies are small);
         # an exported graph takes this path at every size (B and N are symbols there)
@@ -420,13 +433,15 @@ class FocusedLinearAttention(nn.Module):
 
     def folded_parameters(self, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, tuple, tuple]:
         """What the fast paths compute from the parameters: the kernel's 1 / s and floor 1e-6 / s (in the
-        parameters' dtype), the (weight, bias) pairs of the projections with 1 / s and the shift folded in (one
-        for a fused qkv, else q's then kv's) and `local_mixing_kernel()`, both in `dtype` (the projections'
-        compute dtype). Kept between inference calls while the parameters stay the same."""
+        parameters' dtype), the (weight, bias) pairs of the projections with 1 / s and the shift folded in (q and
+        k's then v's of a fused qkv, else q's then kv's) and `local_mixing_kernel()`, both in `dtype` (the
+        projections' compute dtype). Kept between inference calls while the parameters stay the same."""
         def fold():
             inv_scale = 1 / F.softplus(self.scale.reshape(-1))
             if self.qkv is not None:
-                projections = (_fold_kernel_into(self.qkv, inv_scale, 2, dtype),)
+                weight, bias = _fold_kernel_into(self.qkv, inv_scale, 2, dtype)
+                qk_rows = 2 * self.dim
+                projections = ((weight[:qk_rows], bias[:qk_rows]), (weight[qk_rows:], bias[qk_rows:]))
             else:
                 projections = (_fold_kernel_into(self.q, inv_scale, 1, dtype),
                                _fold_kernel_into(self.kv, inv_scale, 1, dtype))
@@ -451,9 +466,14 @@ class FocusedLinearAttention(nn.Module):
             return self.proj_drop(self.proj(self.attend(q, k, v, feat_size, key_size)))
         # the kernel's 1 / s and its 1e-6 shift ride in the q and k projections (the matmuls' own bias add),
         # so the focusing map starts with one max() instead of relu, add and divide
-        inv_scale, floor, projections, mixing_kernel = self.folded_parameters(_projection_dtype(x, self.scale.dtype))
+        compute_dtype = _projection_dtype(x, self.scale.dtype)
+        inv_scale, floor, projections, mixing_kernel = self.folded_parameters(compute_dtype)
         if self.qkv is not None:
-            q, k, v = fused_linear(x, *projections[0]).chunk(3, dim=-1)
+            x = x.to(compute_dtype)  # autocast would cast x for each of the two matmuls
+            q, k = fused_linear(x, *projections[0]).chunk(2, dim=-1)
+            # v by its own matmul: contiguous, so the depthwise conv reads it as a map without a layout copy
+            # (one more small GEMM reading x, one copy of v fewer; and training keeps no copy of v)
+            v = fused_linear(x, *projections[1])
             key_size = feat_size
         else:
             q = fused_linear(x, *projections[0])

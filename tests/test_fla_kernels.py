@@ -281,13 +281,15 @@ def test_auto_selection_runs_the_real_implementations_with_gradients():
 @pytest.mark.parametrize('p', [3, 2.5])
 @pytest.mark.parametrize('B, N, n, C, H', [(2, 5, 5, 6, 1), (1, 7, 4, 8, 2)])
 def test_torch_path_backward_has_the_gradients_of_its_formula(p, B, N, n, C, H):
-    """The torch path's backward (the focused maps and kv state recomputed from q and k, gradients by hand)
-    against numerical gradients, in float64, with about half of q and k below the floor."""
+    """The torch path's backward (the focused maps and kv state recomputed from q and k + key_offset, gradients
+    by hand) against numerical gradients, in float64, with about half of q and k below the floor."""
     g = torch.Generator().manual_seed(3)
     q, k, v, residual = (torch.randn(B, m, C, generator=g, dtype=torch.float64).requires_grad_()
                          for m in (N, n, n, N))
+    key_offset = (0.5 * torch.randn(1, n, C, generator=g, dtype=torch.float64)).requires_grad_()
     floor = (0.05 + torch.rand(C, generator=g, dtype=torch.float64)).requires_grad_()
-    torch.autograd.gradcheck(lambda *a: focused_linear_attention(*a[:4], p, H, a[4]), (q, k, v, floor, residual))
+    torch.autograd.gradcheck(lambda *a: focused_linear_attention(*a[:4], p, H, *a[4:]),
+                             (q, k, v, floor, residual, key_offset))
 
 
 def test_training_keeps_only_q_k_and_v():

@@ -390,8 +390,11 @@ def triton_focused_linear_attention(
         focusing_factor: float,
         num_heads: int,
         residual: Optional[torch.Tensor] = None,
+        key_offset: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """`focused_linear_attention` (same arguments and result) as fused Triton kernels."""
+    if key_offset is not None:
+        k = k + key_offset
     def unit_channel_stride(t):
         return t if t.stride(-1) == 1 else t.contiguous()
 

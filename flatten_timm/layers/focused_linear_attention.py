@@ -105,19 +105,20 @@ class _FocusedLinearAttentionFn(torch.autograd.Function):
     forward's ops kept phi(q), phi(k), the output's numerator and float32 copies of q and k per layer."""
 
     @staticmethod
-    def forward(ctx, q, k, v, floor, p: float, num_heads: int, residual):
-        ctx.save_for_backward(q, k, v, floor)
+    def forward(ctx, q, k, v, floor, p: float, num_heads: int, residual, key_offset):
+        ctx.save_for_backward(q, k, v, floor, key_offset)
         ctx.p, ctx.num_heads, ctx.has_residual = p, num_heads, residual is not None
-        return focused_linear_attention(q, k, v, floor, p, num_heads, residual)  # the no-grad path
+        return focused_linear_attention(q, k, v, floor, p, num_heads, residual, key_offset)  # the no-grad path
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        q, k, v, floor_param = ctx.saved_tensors
+        q, k, v, floor_param, key_offset = ctx.saved_tensors
         C, n, H = q.shape[-1], k.shape[1], ctx.num_heads
         d = C // H
         floor = floor_param.to(torch.promote_types(q.dtype, torch.float32))
-        queries, keys = _FocusingKernel(q, floor, ctx.p), _FocusingKernel(k, floor, ctx.p)
+        queries = _FocusingKernel(q, floor, ctx.p)
+        keys = _FocusingKernel(k if key_offset is None else k + key_offset, floor, ctx.p)
         eps = 1e-6 / queries.norm  # the normaliser's 1e-6 over the per-token ratio that cancelled
         u, k_phi = queries.unit.to(v.dtype), (keys.unit * (keys.norm / n)).to(v.dtype)  # as the forward's matmuls
         du, dk_phi, dv, de = [], [], [], 0
@@ -149,7 +150,8 @@ class _FocusedLinearAttentionFn(torch.autograd.Function):
         dq, dfloor_q = queries.through_max(dt_q, q.dtype, floor_grad)
         dk, dfloor_k = keys.through_max(dt_k, k.dtype, floor_grad)
         dfloor = (dfloor_q + dfloor_k).to(floor_param.dtype) if floor_grad else None
-        return dq, dk, dv.to(v.dtype), dfloor, None, None, grad if ctx.has_residual else None
+        doffset = dk.sum_to_size(key_offset.shape) if ctx.needs_input_grad[7] else None
+        return dq, dk, dv.to(v.dtype), dfloor, None, None, grad if ctx.has_residual else None, doffset
 
 
 def _rounded(op, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -168,6 +170,7 @@ def focused_linear_attention(
         focusing_factor: float,
         num_heads: int,
         residual: Optional[torch.Tensor] = None,
+        key_offset: Optional[torch.Tensor] = None,
         overwrite_inputs: bool = False,
 ) -> torch.Tensor:
     """Focused linear attention in few passes over memory, on (B, N, C) tokens of any strides.
@@ -175,7 +178,9 @@ def focused_linear_attention(
     q: (B, N, C) and k: (B, n, C) enter already shifted and divided by the kernel's scale,
     q = (q_proj + 1e-6) / s, so that the kernel (relu(q_proj) + 1e-6) / s is max(q, floor) with
     floor = 1e-6 / s of shape (C,): the module folds 1 / s and the shift into its projection.
-    v: (B, n, C). residual (B, N, C), added to the output (the depthwise conv of V).
+    v: (B, n, C). residual (B, N, C), added to the output (the depthwise conv of V). key_offset, broadcastable
+    to k (the key positional encoding), is added to k first: with autograd, k + key_offset is recomputed in
+    backward rather than kept.
     Returns (B, N, C) in v's dtype, equal to `linear_attention(focusing_map(.), focusing_map(.), v)`:
     - phi(q_i) = c_i * t_i**p with a per-token c_i = ||t_i|| / ||t_i**p|| that cancels between numerator
       and normaliser, so the queries are never rescaled: only the normaliser's 1e-6 becomes 1e-6 / c_i;
@@ -185,9 +190,9 @@ def focused_linear_attention(
     """
     exporting = is_exporting()
     if torch.is_grad_enabled() and not exporting and any(
-            t is not None and t.requires_grad for t in (q, k, v, floor, residual)):
+            t is not None and t.requires_grad for t in (q, k, v, floor, residual, key_offset)):
         # backward recomputes the focused maps from q and k instead of keeping them
-        return _FocusedLinearAttentionFn.apply(q, k, v, floor, focusing_factor, num_heads, residual)
+        return _FocusedLinearAttentionFn.apply(q, k, v, floor, focusing_factor, num_heads, residual, key_offset)
     B, N, C = q.shape
     n = k.shape[1]
     d = C // num_heads
@@ -196,6 +201,8 @@ def focused_linear_attention(
     # (not in an exported graph, whose runtime plans its own buffers)
     in_place = not torch.is_grad_enabled() and not exporting
     overwrite_inputs = overwrite_inputs and in_place
+    if key_offset is not None:
+        k = k.add_(key_offset) if overwrite_inputs else k + key_offset
 
     q_norm, q_pow, q_pow_norm = _kernel_powers(q, floor, focusing_factor, in_place, overwrite_inputs)
     k_norm, k_pow, k_pow_norm = _kernel_powers(k, floor, focusing_factor, in_place, overwrite_inputs)
@@ -261,11 +268,12 @@ def run_focused_linear_attention(
         focusing_factor: float,
         num_heads: int,
         residual: Optional[torch.Tensor] = None,
+        key_offset: Optional[torch.Tensor] = None,
         attn_impl: str = 'auto',
         overwrite_inputs: bool = False,
 ) -> torch.Tensor:
     """`focused_linear_attention` by the implementation `attn_impl` selects ('auto', 'torch' or 'triton')."""
-    args = (q, k, v, floor, focusing_factor, num_heads, residual)
+    args = (q, k, v, floor, focusing_factor, num_heads, residual, key_offset)
     if attn_impl == 'torch' or is_exporting() or (attn_impl == 'auto' and (
             q.device.type != 'cuda' or torch.compiler.is_compiling() or not triton_available(q.device))):
         return focused_linear_attention(*args, overwrite_inputs=overwrite_inputs)
@@ -483,10 +491,9 @@ class FocusedLinearAttention(nn.Module):
         # (not under torch.compile, whose inductor plans its own buffers)
         scratch = not torch.is_grad_enabled() and not torch.compiler.is_compiling() and not is_exporting()
         pe = self._scaled_key_encoding(key_size, inv_scale, k.dtype)
-        k = k.add_(pe) if scratch else k + pe
         residual = self.local_mixing(v, feat_size, mixing_kernel)
         x = run_focused_linear_attention(q, k, v, floor, self.focusing_factor, self.num_heads, residual=residual,
-                                         attn_impl=impl, overwrite_inputs=scratch)
+                                         key_offset=pe, attn_impl=impl, overwrite_inputs=scratch)
         return self.proj_drop(self.proj(x))
 
 

@@ -1,14 +1,18 @@
 """ Ops and bytes of one forward on the GPU code path, counted on any machine: a proxy for launches and memory traffic.
 
-Runs each model once on the CPU under bf16 autocast without autograd and with the CPU-only fused kernels off
-(the ops a GPU runs with attn_impl='torch'), and counts every aten op that is not a view, with the bytes of
-its tensor inputs and outputs. A bf16 forward of these models on a GPU is bound by launches and memory
-traffic, so fewer ops and bytes there mean a faster GPU forward; the counts need no GPU.
+Runs each model once on the CPU under bf16 autocast without autograd, with the CPU-only fused kernels off and
+softmax windows through SDPA (the ops a GPU runs with attn_impl='torch'), and counts every aten op that is not a
+view, with the bytes of its tensor inputs and outputs. A bf16 forward of these models on a GPU is bound by
+launches and memory traffic, so fewer ops and bytes there mean a faster GPU forward; the counts need no GPU.
+With --training, also the bytes a bf16 training forward keeps for backward, per image (what grows with the
+batch: the activations that set a training step's peak memory).
 
-    python scripts/count_ops.py flatten_pvt_v2_b0 pvt_v2_b0 [--img-size 224] [-b 8] [--top 12]
+    python scripts/count_ops.py flatten_pvt_v2_b0 pvt_v2_b0 [--img-size 224] [-b 8] [--top 12] [--training]
 """
 import argparse
 import collections
+import contextlib
+import importlib
 
 import timm
 import torch
@@ -41,19 +45,47 @@ class OpCounter(TorchDispatchMode):
         return out
 
 
+@contextlib.contextmanager
+def gpu_code_path():
+    """No CPU-only fusion, and softmax windows through SDPA at every size, as on a GPU."""
+    softmax = importlib.import_module('flatten_timm.layers.softmax_attention')
+    fused, explicit_max = set_cpu_fusion(False), softmax._CPU_EXPLICIT_MAX_KEYS
+    softmax._CPU_EXPLICIT_MAX_KEYS = 0
+    try:
+        yield
+    finally:
+        set_cpu_fusion(fused)
+        softmax._CPU_EXPLICIT_MAX_KEYS = explicit_max
+
+
 def count(name: str, img_size: int = 224, batch_size: int = 8) -> OpCounter:
     torch.manual_seed(0)
     model = timm.create_model(name).eval()
     x = torch.randn(batch_size, 3, img_size, img_size)
-    fused = set_cpu_fusion(False)
-    try:
-        with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
-            model(x)  # caches filled, as in every call after the first
-            with OpCounter() as counter:
-                model(x)
-    finally:
-        set_cpu_fusion(fused)
+    with gpu_code_path(), torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        model(x)  # caches filled, as in every call after the first
+        with OpCounter() as counter:
+            model(x)
     return counter
+
+
+def kept_for_backward_per_image(name: str, img_size: int = 224) -> float:
+    """Bytes a bf16 training forward keeps for backward, per image: the difference between batches of 4 and 2
+    (parameters and their casts, kept once per step, cancel out), each tensor storage counted once."""
+    def kept(batch_size):
+        torch.manual_seed(0)
+        model = timm.create_model(name).train()
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        x = torch.randn(batch_size, 3, img_size, img_size)
+        with gpu_code_path(), torch.autocast('cpu', dtype=torch.bfloat16), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x)
+        return sum(storages.values())
+    return (kept(4) - kept(2)) / 2
 
 
 def main():
@@ -62,12 +94,15 @@ def main():
     parser.add_argument('--img-size', type=int, default=224)
     parser.add_argument('-b', '--batch-size', type=int, default=8)
     parser.add_argument('--top', type=int, default=0, help='also list the ops that move the most bytes')
+    parser.add_argument('--training', action='store_true', help='also the MiB kept for backward per image')
     args = parser.parse_args()
     print(f'one bf16 forward, {args.img_size} px, batch {args.batch_size}, ops of the GPU code path\n')
-    print('| model | ops | MB read + written |\n|---|---|---|')
+    training = ' kept for backward, MiB per image |' if args.training else ''
+    print(f'| model | ops | MB read + written |{training}\n|---|---|---|' + ('---|' if args.training else ''))
     counters = {name: count(name, args.img_size, args.batch_size) for name in args.models}
     for name, c in counters.items():
-        print(f'| {name} | {sum(c.calls.values())} | {sum(c.bytes.values()) / 1e6:.0f} |')
+        kept = f' {kept_for_backward_per_image(name, args.img_size) / 2**20:.1f} |' if args.training else ''
+        print(f'| {name} | {sum(c.calls.values())} | {sum(c.bytes.values()) / 1e6:.0f} |{kept}')
     for name, c in counters.items() if args.top else ():
         print(f'\n{name}: ' + ', '.join(f'{op} {c.calls[op]}x {b / 1e6:.0f} MB' for op, b in c.bytes.most_common(args.top)))
 

@@ -25,8 +25,8 @@ from flatten_timm.layers import set_cpu_fusion
 # ops that launch no kernel: views of existing memory and allocations
 NO_KERNEL = {'view', '_unsafe_view', 'reshape', '_reshape_alias', 'permute', 'transpose', 't', 'expand', 'slice',
              'select', 'split', 'split_with_sizes', 'chunk', 'unsqueeze', 'squeeze', 'as_strided', 'alias',
-             'unbind', 'detach', 'lift_fresh', 'narrow', 'promote_types', 'empty', 'empty_like', 'empty_strided',
-             'new_empty', 'new_empty_strided'}
+             'unbind', 'detach', 'lift_fresh', 'narrow', 'diagonal', 'promote_types', 'empty', 'empty_like',
+             'empty_strided', 'new_empty', 'new_empty_strided'}
 
 
 class OpCounter(TorchDispatchMode):
@@ -47,15 +47,19 @@ class OpCounter(TorchDispatchMode):
 
 @contextlib.contextmanager
 def gpu_code_path():
-    """No CPU-only fusion, and softmax windows through SDPA at every size, as on a GPU."""
+    """The choices a GPU makes: no CPU-only fusion, softmax windows through SDPA at every size, and the heads of
+    a half-precision focused linear attention as block-diagonal matmuls."""
     softmax = importlib.import_module('flatten_timm.layers.softmax_attention')
-    fused, explicit_max = set_cpu_fusion(False), softmax._CPU_EXPLICIT_MAX_KEYS
+    linear = importlib.import_module('flatten_timm.layers.focused_linear_attention')
+    fused = set_cpu_fusion(False)
+    explicit_max, block_diagonal = softmax._CPU_EXPLICIT_MAX_KEYS, linear._block_diagonal_pays
     softmax._CPU_EXPLICIT_MAX_KEYS = 0
+    linear._block_diagonal_pays = lambda q, num_heads: num_heads > 1 and q.dtype in (torch.float16, torch.bfloat16)
     try:
         yield
     finally:
         set_cpu_fusion(fused)
-        softmax._CPU_EXPLICIT_MAX_KEYS = explicit_max
+        softmax._CPU_EXPLICIT_MAX_KEYS, linear._block_diagonal_pays = explicit_max, block_diagonal
 
 
 def count(name: str, img_size: int = 224, batch_size: int = 8) -> OpCounter:
@@ -104,7 +108,8 @@ def main():
         kept = f' {kept_for_backward_per_image(name, args.img_size) / 2**20:.1f} |' if args.training else ''
         print(f'| {name} | {sum(c.calls.values())} | {sum(c.bytes.values()) / 1e6:.0f} |{kept}')
     for name, c in counters.items() if args.top else ():
-        print(f'\n{name}: ' + ', '.join(f'{op} {c.calls[op]}x {b / 1e6:.0f} MB' for op, b in c.bytes.most_common(args.top)))
+        top = c.bytes.most_common(args.top)
+        print(f'\n{name}: ' + ', '.join(f'{op} {c.calls[op]}x {b / 1e6:.0f} MB' for op, b in top))
 
 
 if __name__ == '__main__':

@@ -5,6 +5,7 @@ no GPU; tiny shapes) and on CUDA when there is one; references are computed in f
 step-by-step functions of the spec. Every test here turns warnings into errors, so a kernel that fell
 back to torch ops fails instead of passing on the torch result.
 """
+import importlib
 import warnings
 
 import pytest
@@ -79,17 +80,23 @@ def test_outputs_and_gradients_match_the_spec(impl, dtype, tol, shape):
         assert relative_error(g, r) < (max(tol * 5, 3e-3) if name == 'floor' else tol * 5), name
 
 
-@pytest.fixture(params=['heads_in_a_loop', 'heads_in_one_matmul'])
-def heads_path(request, monkeypatch):
-    """The torch path's two ways through the heads (chosen by batch x tokens), both forced in turn."""
-    import importlib
+def force_block_diagonal_heads(monkeypatch, block_diagonal: bool):
+    """Heads as block-diagonal matmuls (what a GPU runs in half precision) or not, on any device."""
     module = importlib.import_module('flatten_timm.layers.focused_linear_attention')  # the module, not its function
+    monkeypatch.setattr(module, '_block_diagonal_pays', lambda q, num_heads: block_diagonal and num_heads > 1)
+
+
+@pytest.fixture(params=['heads_in_a_loop', 'heads_in_one_matmul', 'heads_block_diagonal'])
+def heads_path(request, monkeypatch):
+    """The torch path's three ways through the heads (chosen by device, dtype and batch x tokens), each forced."""
+    module = importlib.import_module('flatten_timm.layers.focused_linear_attention')
     monkeypatch.setattr(module, '_BATCHED_HEADS_MAX_TOKENS', 0 if request.param == 'heads_in_a_loop' else 10 ** 9)
+    force_block_diagonal_heads(monkeypatch, request.param == 'heads_block_diagonal')
     return request.param
 
 
 @pytest.mark.parametrize('shape', [(2, 37, 37, 32, 2), (1, 50, 13, 48, 3)])
-def test_both_head_paths_match_the_spec(heads_path, shape):
+def test_every_head_path_matches_the_spec(heads_path, shape):
     q, k, v, residual, floor = make_inputs(*shape[:4], dtype=torch.float32, seed=sum(shape))
     out = focused_linear_attention(q, k, v, floor, 3, shape[4], residual)
     grads = torch.autograd.grad(out.sum(), (q, k, v))
@@ -278,11 +285,31 @@ def test_auto_selection_runs_the_real_implementations_with_gradients():
     assert torch.isfinite(q.grad).all() and torch.isfinite(floor.grad).all()
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('shape', [s for s in SHAPES if s[4] > 1])
+def test_block_diagonal_heads_equal_the_loop_over_heads(monkeypatch, shape, dtype):
+    q, k, v, residual, floor = make_inputs(*shape[:4], dtype, seed=5, requires_grad=False)
+    outs = {}
+    for block_diagonal in (False, True):
+        force_block_diagonal_heads(monkeypatch, block_diagonal)
+        scratch = [t.clone() for t in (q, k, residual)]
+        outs[block_diagonal] = [
+            focused_linear_attention(q, k, v, floor, 3, shape[4], residual),
+            focused_linear_attention(q, k, v, floor, 3, shape[4]),
+            focused_linear_attention(scratch[0], scratch[1], v, floor, 3, shape[4], scratch[2], overwrite_inputs=True)]
+    for loop, block in zip(outs[False], outs[True]):
+        assert block.dtype == dtype
+        torch.testing.assert_close(block, loop, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize('p', [3, 2.5])
-@pytest.mark.parametrize('B, N, n, C, H', [(2, 5, 5, 6, 1), (1, 7, 4, 8, 2)])
-def test_torch_path_backward_has_the_gradients_of_its_formula(p, B, N, n, C, H):
+@pytest.mark.parametrize('B, N, n, C, H, block_diagonal', [
+    (2, 5, 5, 6, 1, False), (1, 7, 4, 8, 2, False), (1, 7, 4, 8, 2, True), (2, 6, 6, 9, 3, True)])
+def test_torch_path_backward_has_the_gradients_of_its_formula(monkeypatch, p, B, N, n, C, H, block_diagonal):
     """The torch path's backward (the focused maps and kv state recomputed from q and k + key_offset, gradients
-    by hand) against numerical gradients, in float64, with about half of q and k below the floor."""
+    by hand, heads one at a time or block-diagonal) against numerical gradients, in float64, with about half of
+    q and k below the floor."""
+    force_block_diagonal_heads(monkeypatch, block_diagonal)
     g = torch.Generator().manual_seed(3)
     q, k, v, residual = (torch.randn(B, m, C, generator=g, dtype=torch.float64).requires_grad_()
                          for m in (N, n, n, N))

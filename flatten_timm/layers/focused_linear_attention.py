@@ -99,6 +99,75 @@ class _FocusingKernel:
         return dt.mul_(above).to(x_dtype), dfloor
 
 
+def _block_diagonal_pays(q: torch.Tensor, num_heads: int) -> bool:
+    """Heads as block-diagonal matmuls: on a GPU in half precision, where the tensor cores make the extra
+    products of other heads' channels free and the launches of a loop over heads are what costs."""
+    return num_heads > 1 and q.device.type == 'cuda' and q.dtype in (torch.float16, torch.bfloat16)
+
+
+def _diagonal_blocks(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """The heads' (d, d) diagonal blocks of a (B, C, C) view, as a (B, d, d, H) view."""
+    B, C = x.shape[:2]
+    return x.view(B, num_heads, C // num_heads, num_heads, C // num_heads).diagonal(dim1=1, dim2=3)
+
+
+def _head_state(k_phi: torch.Tensor, v: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """[k^T v / n | mean k] of all heads as one (B, C, C + H) matrix: each head's block on the diagonal, its
+    normaliser in column C + h; zeros elsewhere, so (B, N, C) queries times it give every head's output."""
+    B, n, C = k_phi.shape
+    H = num_heads
+    state = k_phi.new_zeros(B, C, C + H)
+    _diagonal_blocks(state[..., :C], H).copy_(_diagonal_blocks(torch.bmm(k_phi.transpose(1, 2), v), H))
+    state[..., C:].view(B, H, C // H, H).diagonal(dim1=1, dim2=3).copy_(k_phi.sum(1).view(B, H, -1).transpose(1, 2))
+    return state
+
+
+def _attention_backward_per_head(u, k_phi, v, eps, grad, num_heads: int):
+    """Gradients of the queries u, keys phi(k) / n, values and eps, from that of the output, one head at a time
+    on column slices, as the forward: the matmuls read them in place."""
+    C = u.shape[-1]
+    d = C // num_heads
+    du, dk_phi, dv, de = [], [], [], 0
+    for i in range(num_heads):
+        cols = slice(i * d, (i + 1) * d)
+        u_i, k_i, v_i = u[..., cols], k_phi[..., cols], v[..., cols]
+        # the forward's [k^T v / n | mean k] and [numerator | normaliser] again
+        kv = torch.cat([torch.bmm(k_i.transpose(1, 2), v_i), k_i.sum(1).unsqueeze(-1)], dim=-1)
+        out = torch.bmm(u_i, kv).float()
+        normaliser = out[..., d:] + eps
+        dnumerator = grad[..., cols] / normaliser
+        dnormaliser = (dnumerator * out[..., :d]).sum(-1, keepdim=True).div_(normaliser).neg_()
+        dout = torch.cat([dnumerator, dnormaliser], dim=-1).to(v.dtype)
+        du.append(torch.bmm(dout, kv.transpose(1, 2)))
+        dkv = torch.bmm(u_i.transpose(1, 2), dout)
+        dstate, dsum = dkv[..., :d], dkv[..., d:]
+        dk_phi.append(torch.baddbmm(dsum.transpose(1, 2), v_i, dstate.transpose(1, 2)))
+        dv.append(torch.bmm(k_i, dstate))
+        de = de + dnormaliser
+    du, dk_phi, dv = (x[0] if num_heads == 1 else torch.cat(x, dim=-1) for x in (du, dk_phi, dv))
+    return du, dk_phi, dv, de
+
+
+def _attention_backward_block_diagonal(u, k_phi, v, eps, grad, num_heads: int):
+    """`_attention_backward_per_head` by block-diagonal matmuls over all heads (`_head_state`)."""
+    B, N, C = u.shape
+    H = num_heads
+    state = _head_state(k_phi, v, H)
+    out = torch.bmm(u, state).float()
+    normaliser = (out[..., C:] + eps).unsqueeze(-1)
+    dnumerator = grad.unflatten(-1, (H, -1)) / normaliser
+    dnormaliser = (dnumerator * out[..., :C].unflatten(-1, (H, -1))).sum(-1, keepdim=True).div_(normaliser).neg_()
+    dout = torch.cat([dnumerator.flatten(2), dnormaliser.flatten(2)], dim=-1).to(v.dtype)
+    du = torch.bmm(dout, state.transpose(1, 2))
+    dfull = torch.bmm(u.transpose(1, 2), dout)
+    dstate = torch.zeros_like(dfull[..., :C])  # other heads' products are not in the function: no gradient
+    _diagonal_blocks(dstate, H).copy_(_diagonal_blocks(dfull[..., :C], H))
+    dsum = dfull[..., C:].view(B, H, C // H, H).diagonal(dim1=1, dim2=3).transpose(1, 2).reshape(B, 1, C)
+    dk_phi = torch.baddbmm(dsum, v, dstate.transpose(1, 2))
+    dv = torch.bmm(k_phi, dstate)
+    return du, dk_phi, dv, dnormaliser.sum(2)
+
+
 class _FocusedLinearAttentionFn(torch.autograd.Function):
     """`focused_linear_attention` with a backward that keeps only q, k and v (views of the projections, which
     autograd keeps anyway) and recomputes the focused maps and the kv state from them: autograd through the
@@ -114,32 +183,16 @@ class _FocusedLinearAttentionFn(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         q, k, v, floor_param, key_offset = ctx.saved_tensors
-        C, n, H = q.shape[-1], k.shape[1], ctx.num_heads
-        d = C // H
+        n, H = k.shape[1], ctx.num_heads
         floor = floor_param.to(torch.promote_types(q.dtype, torch.float32))
         queries = _FocusingKernel(q, floor, ctx.p)
         keys = _FocusingKernel(k if key_offset is None else k + key_offset, floor, ctx.p)
         eps = 1e-6 / queries.norm  # the normaliser's 1e-6 over the per-token ratio that cancelled
         u, k_phi = queries.unit.to(v.dtype), (keys.unit * (keys.norm / n)).to(v.dtype)  # as the forward's matmuls
-        du, dk_phi, dv, de = [], [], [], 0
-        # one head at a time on column slices, as the forward: the matmuls read them in place
-        for i in range(H):
-            cols = slice(i * d, (i + 1) * d)
-            u_i, k_i, v_i = u[..., cols], k_phi[..., cols], v[..., cols]
-            # the forward's [k^T v / n | mean k] and [numerator | normaliser] again
-            kv = torch.cat([torch.bmm(k_i.transpose(1, 2), v_i), k_i.sum(1).unsqueeze(-1)], dim=-1)
-            out = torch.bmm(u_i, kv).float()
-            normaliser = out[..., d:] + eps
-            dnumerator = grad[..., cols] / normaliser
-            dnormaliser = (dnumerator * out[..., :d]).sum(-1, keepdim=True).div_(normaliser).neg_()
-            dout = torch.cat([dnumerator, dnormaliser], dim=-1).to(v.dtype)
-            du.append(torch.bmm(dout, kv.transpose(1, 2)))
-            dkv = torch.bmm(u_i.transpose(1, 2), dout)
-            dstate, dsum = dkv[..., :d], dkv[..., d:]
-            dk_phi.append(torch.baddbmm(dsum.transpose(1, 2), v_i, dstate.transpose(1, 2)))
-            dv.append(torch.bmm(k_i, dstate))
-            de = de + dnormaliser
-        du, dk_phi, dv = (x[0] if H == 1 else torch.cat(x, dim=-1) for x in (du, dk_phi, dv))
+        if _block_diagonal_pays(u, H):
+            du, dk_phi, dv, de = _attention_backward_block_diagonal(u, k_phi, v, eps, grad, H)
+        else:
+            du, dk_phi, dv, de = _attention_backward_per_head(u, k_phi, v, eps, grad, H)
 
         # through the focusing maps: u = t**p / ||t**p|| and eps = 1e-6 / ||t|| of q; phi(k) / n = u ||t|| / n of k
         dt_q = queries.backward(du.float(), 1., -eps * de / queries.norm ** 2)
@@ -160,6 +213,19 @@ def _rounded(op, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.
 
 
 _BATCHED_HEADS_MAX_TOKENS = 4096  # batch x tokens up to which all heads go through one matmul
+
+
+def _attend_block_diagonal(q_pow, k_phi, v, eps, num_heads: int, residual, overwrite_inputs: bool) -> torch.Tensor:
+    """Every head's attention by two matmuls over all C channels (`_head_state`): a fixed number of ops and no
+    copies of the heads, where a loop over heads launches six ops per head."""
+    C, H = q_pow.shape[-1], num_heads
+    out = torch.bmm(q_pow, _head_state(k_phi, v, H))
+    numerator, normaliser = out[..., :C].unflatten(-1, (H, -1)), (out[..., C:] + eps).unsqueeze(-1)
+    if residual is None:
+        return (numerator / normaliser).flatten(2).to(v.dtype)
+    heads = residual.unflatten(-1, (H, -1))
+    out = heads.addcdiv_(numerator, normaliser) if overwrite_inputs else torch.addcdiv(heads, numerator, normaliser)
+    return out.flatten(2).to(v.dtype)
 
 
 def focused_linear_attention(
@@ -217,6 +283,8 @@ def focused_linear_attention(
     else:
         eps = 1e-6 * q_pow_norm / q_norm
         q_pow = q_pow.to(v.dtype)
+    if not exporting and _block_diagonal_pays(q_pow, num_heads):
+        return _attend_block_diagonal(q_pow, k_phi, v, eps, num_heads, residual, overwrite_inputs)
     if exporting or (num_heads > 1 and B * N <= _BATCHED_HEADS_MAX_TOKENS):
         # few tokens: one matmul over all heads beats a Python loop of small ops (the copies are small);
         # an exported graph takes this path at every size (B and N are symbols there)

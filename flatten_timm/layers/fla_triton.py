@@ -393,10 +393,11 @@ def triton_focused_linear_attention(
         key_offset: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """`focused_linear_attention` (same arguments and result) as fused Triton kernels."""
-    if key_offset is not None:
-        k = k + key_offset
     def unit_channel_stride(t):
         return t if t.stride(-1) == 1 else t.contiguous()
+
+    if key_offset is not None:
+        k = k + key_offset
 
     q, k, v = unit_channel_stride(q), unit_channel_stride(k), unit_channel_stride(v)
     if residual is not None:

@@ -85,12 +85,12 @@ class _FocusingKernel:
         self.inv_pow_norm = 1 / torch.linalg.vector_norm(self.unit, dim=-1, keepdim=True)
         self.unit.mul_(self.inv_pow_norm)
 
-    def backward(self, dunit: torch.Tensor, unit_scale, dt_along_t=None) -> torch.Tensor:
-        """dt of unit_scale * u (+ dt_along_t * t) from dunit (consumed): unit_scale a (dunit - (dunit . u) u) p
-        t**(p-1) (a before any power: a cubed overflows where every channel is at the floor)."""
+    def backward(self, dunit: torch.Tensor, unit_scale, dt_along_t) -> torch.Tensor:
+        """dt of unit_scale * u from dunit (consumed), plus dt_along_t * t: unit_scale a (dunit - (dunit . u) u)
+        p t**(p-1) (a before any power: a cubed overflows where every channel is at the floor)."""
         dot = (dunit * self.unit).sum(-1, keepdim=True)
         dt = dunit.addcmul_(dot, self.unit, value=-1).mul_(self.pow_grad).mul_(unit_scale * self.inv_pow_norm * self.p)
-        return dt if dt_along_t is None else dt.addcmul_(dt_along_t, self.t)
+        return dt.addcmul_(dt_along_t, self.t)
 
     def through_max(self, dt: torch.Tensor, x_dtype: torch.dtype, floor_grad: bool):
         """Gradients of x and (if floor_grad) of floor from dt (consumed), that of t = max(x, floor)."""

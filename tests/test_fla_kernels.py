@@ -63,18 +63,25 @@ SHAPES = [(2, 37, 37, 32, 2), (1, 50, 13, 48, 2), (2, 29, 29, 72, 3), (1, 66, 66
 @pytest.mark.parametrize('dtype,tol', [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize('shape', SHAPES)
 def test_outputs_and_gradients_match_the_spec(impl, dtype, tol, shape):
+    """Both implementations, with a key offset (the key positional encoding, added to k inside them)."""
     q, k, v, residual, floor = make_inputs(*shape[:4], dtype=dtype, seed=sum(shape))
+    key_offset = (0.3 * torch.randn(1, *k.shape[1:], generator=torch.Generator().manual_seed(2))).to(
+        DEVICE, dtype).requires_grad_()
     heads = shape[4]
-    out = run_focused_linear_attention(q, k, v, floor, 3, heads, residual, attn_impl=impl)
+    out = run_focused_linear_attention(q, k, v, floor, 3, heads, residual, key_offset, attn_impl=impl)
     assert out.dtype == dtype and out.shape == q.shape
     grad = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v, residual, floor), grad)
+    inputs = (q, k, v, residual, floor, key_offset)
+    grads = torch.autograd.grad(out, inputs, grad)
 
-    ref_inputs = [t.detach().double().requires_grad_() for t in (q, k, v, residual, floor)]
-    ref = spec_attention(*ref_inputs[:3], ref_inputs[4], 3, heads, ref_inputs[3])
+    ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
+    ref_q, ref_k, ref_v, ref_residual, ref_floor, ref_offset = ref_inputs
+    # as the implementations do, k + offset is rounded to k's dtype
+    ref_k_offset = ref_k + ref_offset + ((k + key_offset).detach().double() - (k.double() + key_offset.double()))
+    ref = spec_attention(ref_q, ref_k_offset, ref_v, ref_floor, 3, heads, ref_residual)
     ref_grads = torch.autograd.grad(ref, ref_inputs, grad.double())
     assert relative_error(out, ref) < tol
-    for name, g, r in zip(('q', 'k', 'v', 'residual', 'floor'), grads, ref_grads):
+    for name, g, r in zip(('q', 'k', 'v', 'residual', 'floor', 'key_offset'), grads, ref_grads):
         assert torch.isfinite(g).all(), name
         # the floor's gradient (~1e-7) sums near-cancelling terms over every token: float32 keeps ~3 digits
         assert relative_error(g, r) < (max(tol * 5, 3e-3) if name == 'floor' else tol * 5), name

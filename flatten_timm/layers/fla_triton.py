@@ -60,28 +60,42 @@ def _row_stats(t, mask, r_mask, P: tl.constexpr):
 
 
 @triton.jit
-def _kernel_stats(x_ptr, floor_ptr, norm_ptr, inv_pow_norm_ptr, rows, N, C, stride_b, stride_n,
-                  P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _load_tokens(x_ptr, off_ptr, x_rows, off_rows, cols, mask, HAS_OFFSET: tl.constexpr):
+    """A tile of q or k in float32 (1 outside the mask: no log of 0), plus the key offset when HAS_OFFSET, the
+    sum rounded to x's dtype as k + offset is in torch. x_rows, off_rows: each row's offset in elements."""
+    x = tl.load(x_ptr + x_rows[:, None] + cols[None, :], mask=mask, other=1.)
+    if HAS_OFFSET:
+        offset = tl.load(off_ptr + off_rows[:, None] + cols[None, :], mask=mask, other=0.)
+        x = (x.to(tl.float32) + offset.to(tl.float32)).to(x.dtype)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _kernel_stats(x_ptr, off_ptr, floor_ptr, norm_ptr, inv_pow_norm_ptr, rows, N, C, stride_b, stride_n,
+                  stride_ob, stride_on, P: tl.constexpr, HAS_OFFSET: tl.constexpr, BLOCK_R: tl.constexpr,
+                  BLOCK_C: tl.constexpr):
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     c = tl.arange(0, BLOCK_C)
     r_mask, c_mask = r < rows, c < C
     mask = r_mask[:, None] & c_mask[None, :]
-    x = tl.load(x_ptr + ((r // N) * stride_b + (r % N) * stride_n)[:, None] + c[None, :], mask=mask, other=1.)
+    b, i = r // N, r % N
+    x = _load_tokens(x_ptr, off_ptr, b * stride_b + i * stride_n, b * stride_ob + i * stride_on, c, mask, HAS_OFFSET)
     floor = tl.load(floor_ptr + c, mask=c_mask, other=1.)
-    t = tl.maximum(x.to(tl.float32), floor[None, :])  # 1 outside the masks: no log of 0
+    t = tl.maximum(x, floor[None, :])
     _, norm, inv_pow_norm = _row_stats(t, mask, r_mask, P)
     tl.store(norm_ptr + r, norm, mask=r_mask)
     tl.store(inv_pow_norm_ptr + r, inv_pow_norm, mask=r_mask)
 
 
 @triton.jit
-def _load_phi_k(k_ptr, floor, norm_ptr, inv_pow_norm_ptr, b, j, j_mask, cols, d_mask, n, stride_b, stride_n, inv_n,
-                P: tl.constexpr, ROW_STATS: tl.constexpr):
+def _load_phi_k(k_ptr, off_ptr, floor, norm_ptr, inv_pow_norm_ptr, b, j, j_mask, cols, d_mask, n, stride_b, stride_n,
+                stride_ob, stride_on, inv_n, P: tl.constexpr, HAS_OFFSET: tl.constexpr, ROW_STATS: tl.constexpr):
     """phi(k) / n for a (BLOCK_N, BLOCK_D) tile of one head, zero outside the masks. ROW_STATS: the head is the
     whole row (one head), so the tile's own norms are the token's, computed here and stored for backward."""
     mask = j_mask[:, None] & d_mask[None, :]
-    k = tl.load(k_ptr + b * stride_b + j[:, None] * stride_n + cols[None, :], mask=mask, other=1.)
-    t = tl.maximum(k.to(tl.float32), floor[None, :])
+    k = _load_tokens(k_ptr, off_ptr, b * stride_b + j * stride_n, b * stride_ob + j * stride_on, cols, mask,
+                     HAS_OFFSET)
+    t = tl.maximum(k, floor[None, :])
     if ROW_STATS:
         t_pow, norm, inv_pow_norm = _row_stats(t, mask, j_mask, P)
         tl.store(norm_ptr + b * n + j, norm, mask=j_mask)
@@ -93,10 +107,10 @@ def _load_phi_k(k_ptr, floor, norm_ptr, inv_pow_norm_ptr, b, j, j_mask, cols, d_
 
 
 @triton.jit
-def _kv_state(k_ptr, v_ptr, floor_ptr, norm_ptr, inv_pow_norm_ptr, state_ptr, n, H, D, chunk, inv_n,
-              stride_kb, stride_kn, stride_vb, stride_vn, stride_s0, stride_s1,
-              P: tl.constexpr, IEEE: tl.constexpr, ROW_STATS: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_D: tl.constexpr):
+def _kv_state(k_ptr, off_ptr, v_ptr, floor_ptr, norm_ptr, inv_pow_norm_ptr, state_ptr, n, H, D, chunk, inv_n,
+              stride_kb, stride_kn, stride_ob, stride_on, stride_vb, stride_vn, stride_s0, stride_s1,
+              P: tl.constexpr, HAS_OFFSET: tl.constexpr, IEEE: tl.constexpr, ROW_STATS: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     bh, split = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     d = tl.arange(0, BLOCK_D)
@@ -110,8 +124,8 @@ def _kv_state(k_ptr, v_ptr, floor_ptr, norm_ptr, inv_pow_norm_ptr, state_ptr, n,
     for j0 in range(start, end, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
         j_mask = j < end
-        phi = _load_phi_k(k_ptr, floor, norm_ptr, inv_pow_norm_ptr, b, j, j_mask, cols, d_mask, n,
-                             stride_kb, stride_kn, inv_n, P, ROW_STATS)
+        phi = _load_phi_k(k_ptr, off_ptr, floor, norm_ptr, inv_pow_norm_ptr, b, j, j_mask, cols, d_mask, n,
+                          stride_kb, stride_kn, stride_ob, stride_on, inv_n, P, HAS_OFFSET, ROW_STATS)
         v = tl.load(v_ptr + b * stride_vb + j[:, None] * stride_vn + cols[None, :],
                     mask=j_mask[:, None] & d_mask[None, :], other=0.)
         if IEEE:
@@ -209,9 +223,9 @@ def _attn_out_bwd(q_ptr, floor_ptr, norm_ptr, inv_pow_norm_ptr, state_ptr, grad_
 
 
 @triton.jit
-def _kv_state_bwd(k_ptr, v_ptr, floor_ptr, norm_ptr, inv_pow_norm_ptr, dstate_ptr, dphi_ptr, dv_ptr, n, H, D,
-                  inv_n, stride_kb, stride_kn, stride_vb, stride_vn,
-                  P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _kv_state_bwd(k_ptr, off_ptr, v_ptr, floor_ptr, norm_ptr, inv_pow_norm_ptr, dstate_ptr, dphi_ptr, dv_ptr, n, H,
+                  D, inv_n, stride_kb, stride_kn, stride_ob, stride_on, stride_vb, stride_vn,
+                  P: tl.constexpr, HAS_OFFSET: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
     j = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -220,8 +234,8 @@ def _kv_state_bwd(k_ptr, v_ptr, floor_ptr, norm_ptr, inv_pow_norm_ptr, dstate_pt
     mask = j_mask[:, None] & d_mask[None, :]
     cols = h * D + d
     floor = tl.load(floor_ptr + cols, mask=d_mask, other=1.)
-    phi = _load_phi_k(k_ptr, floor, norm_ptr, inv_pow_norm_ptr, b, j, j_mask, cols, d_mask, n,
-                         stride_kb, stride_kn, inv_n, P, False)
+    phi = _load_phi_k(k_ptr, off_ptr, floor, norm_ptr, inv_pow_norm_ptr, b, j, j_mask, cols, d_mask, n,
+                      stride_kb, stride_kn, stride_ob, stride_on, inv_n, P, HAS_OFFSET, False)
     v = tl.load(v_ptr + b * stride_vb + j[:, None] * stride_vn + cols[None, :], mask=mask, other=0.).to(tl.float32)
     dS, dz = _load_state(dstate_ptr, bh, d, d_mask, D)
     # S = phi^T v and z = sum(phi): dphi = v dS^T + dz, dv = phi dS
@@ -232,10 +246,10 @@ def _kv_state_bwd(k_ptr, v_ptr, floor_ptr, norm_ptr, inv_pow_norm_ptr, dstate_pt
 
 
 @triton.jit
-def _kernel_bwd(x_ptr, floor_ptr, norm_ptr, inv_pow_norm_ptr, dy_ptr, dden_ptr, dx_ptr, dfloor_ptr,
-                rows, N, C, H, inv_n, stride_b, stride_n,
-                P: tl.constexpr, IS_QUERY: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                BLOCK_H: tl.constexpr):
+def _kernel_bwd(x_ptr, off_ptr, floor_ptr, norm_ptr, inv_pow_norm_ptr, dy_ptr, dden_ptr, dx_ptr, dfloor_ptr,
+                rows, N, C, H, inv_n, stride_b, stride_n, stride_ob, stride_on,
+                P: tl.constexpr, IS_QUERY: tl.constexpr, HAS_OFFSET: tl.constexpr, BLOCK_R: tl.constexpr,
+                BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
     """Through the focusing map and max(x, floor), a block of full rows (every head: the norms span C).
 
     Queries: y = u = t**p / ||t**p|| and the normaliser's e = 1e-6 / ||t|| (its gradient summed over heads).
@@ -245,10 +259,10 @@ def _kernel_bwd(x_ptr, floor_ptr, norm_ptr, inv_pow_norm_ptr, dy_ptr, dden_ptr, 
     c = tl.arange(0, BLOCK_C)
     r_mask, c_mask = r < rows, c < C
     mask = r_mask[:, None] & c_mask[None, :]
-    x = tl.load(x_ptr + ((r // N) * stride_b + (r % N) * stride_n)[:, None] + c[None, :], mask=mask, other=1.)
-    x = x.to(tl.float32)
+    b, i = r // N, r % N
+    x = _load_tokens(x_ptr, off_ptr, b * stride_b + i * stride_n, b * stride_ob + i * stride_on, c, mask, HAS_OFFSET)
     floor = tl.load(floor_ptr + c, mask=c_mask, other=1.)
-    t = tl.maximum(x, floor[None, :])  # 1 outside the masks: no log of 0
+    t = tl.maximum(x, floor[None, :])
     t_pow = tl.where(mask, _power(t, P), 0.)
     norm = tl.load(norm_ptr + r, mask=r_mask, other=1.)
     a = tl.load(inv_pow_norm_ptr + r, mask=r_mask, other=0.)
@@ -277,28 +291,39 @@ def _block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def _kernel_statistics(x: torch.Tensor, floor: torch.Tensor, p: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def _offset_args(x: torch.Tensor, offset: Optional[torch.Tensor]) -> tuple:
+    """The kernels' offset arguments: the (expanded) offset and its batch and token strides, or x itself (never
+    read) when there is none."""
+    offset = x if offset is None else offset
+    return offset, offset.stride(0), offset.stride(1)
+
+
+def _kernel_statistics(x: torch.Tensor, floor: torch.Tensor, p: float, offset: Optional[torch.Tensor] = None
+                       ) -> Tuple[torch.Tensor, torch.Tensor]:
     B, N, C = x.shape
     norm = torch.empty(B * N, device=x.device, dtype=torch.float32)
     inv_pow_norm = torch.empty_like(norm)
     block_c = triton.next_power_of_2(C)
     block_r = max(1, min(64, 4096 // block_c))
+    offset_ptr, stride_ob, stride_on = _offset_args(x, offset)
     _kernel_stats[(triton.cdiv(B * N, block_r),)](
-        x, floor, norm, inv_pow_norm, B * N, N, C, x.stride(0), x.stride(1), P=p, BLOCK_R=block_r, BLOCK_C=block_c)
+        x, offset_ptr, floor, norm, inv_pow_norm, B * N, N, C, x.stride(0), x.stride(1), stride_ob, stride_on, P=p,
+        HAS_OFFSET=offset is not None, BLOCK_R=block_r, BLOCK_C=block_c)
     return norm, inv_pow_norm
 
 
-def _kernel_backward(x, floor, norm, inv_pow_norm, dy, dden, p, is_query, num_heads, inv_n):
+def _kernel_backward(x, floor, norm, inv_pow_norm, dy, dden, p, is_query, num_heads, inv_n, offset=None):
     B, N, C = x.shape
     dx = torch.empty(B, N, C, device=x.device, dtype=torch.float32)
     block_c = triton.next_power_of_2(C)
     block_r = max(1, min(32, 2048 // block_c))
     grid = triton.cdiv(B * N, block_r)
     dfloor = torch.empty(grid, C, device=x.device, dtype=torch.float32)
+    offset_ptr, stride_ob, stride_on = _offset_args(x, offset)
     _kernel_bwd[(grid,)](
-        x, floor, norm, inv_pow_norm, dy, dden if dden is not None else dy, dx, dfloor, B * N, N, C, num_heads,
-        inv_n, x.stride(0), x.stride(1), P=p, IS_QUERY=is_query, BLOCK_R=block_r, BLOCK_C=block_c,
-        BLOCK_H=triton.next_power_of_2(num_heads))
+        x, offset_ptr, floor, norm, inv_pow_norm, dy, dden if dden is not None else dy, dx, dfloor, B * N, N, C,
+        num_heads, inv_n, x.stride(0), x.stride(1), stride_ob, stride_on, P=p, IS_QUERY=is_query,
+        HAS_OFFSET=offset is not None, BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_H=triton.next_power_of_2(num_heads))
     return dx.to(x.dtype), dfloor.sum(0)
 
 
@@ -317,12 +342,15 @@ def _kv_chunk(n: int, programs: int, block_n: int, device: torch.device) -> int:
 class _FocusedLinearAttentionFn(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, q, k, v, floor, focusing_factor, num_heads, residual):
+    def forward(ctx, q, k, v, floor, focusing_factor, num_heads, residual, key_offset):
         B, N, C = q.shape
         n = k.shape[1]
         D = C // num_heads
         block_d, block_n, block_m = _block_d(D), 32, 64
         floor = floor.float().contiguous()
+        # k + key_offset is formed in the kernels' loads (and again in backward's), never stored
+        offset = key_offset.expand_as(k) if key_offset is not None else None
+        offset_ptr, stride_ob, stride_on = _offset_args(k, offset)
         # float32 dots in IEEE precision (not tf32), and under Triton's CPU interpreter for bfloat16 too, whose
         # bfloat16 tl.dot returns garbage there (numpy has no bfloat16); on a GPU bf16/fp16 use the tensor cores
         ieee = v.dtype == torch.float32 or (v.dtype == torch.bfloat16 and _INTERPRETED)
@@ -333,14 +361,15 @@ class _FocusedLinearAttentionFn(torch.autograd.Function):
                 torch.empty(B * m, device=q.device, dtype=torch.float32) for m in (N, N, n, n))
         else:
             q_norm, q_inv_pow_norm = _kernel_statistics(q, floor, focusing_factor)
-            k_norm, k_inv_pow_norm = _kernel_statistics(k, floor, focusing_factor)
+            k_norm, k_inv_pow_norm = _kernel_statistics(k, floor, focusing_factor, offset)
         chunk = _kv_chunk(n, B * num_heads, block_n, q.device)
         splits = triton.cdiv(n, chunk)
         partial = torch.empty(B * num_heads, splits, D, D + 1, device=q.device, dtype=torch.float32)
         _kv_state[(B * num_heads, splits)](
-            k, v, floor, k_norm, k_inv_pow_norm, partial, n, num_heads, D, chunk, 1 / n,
-            k.stride(0), k.stride(1), v.stride(0), v.stride(1), partial.stride(0), partial.stride(1),
-            P=focusing_factor, IEEE=ieee, ROW_STATS=row_stats, BLOCK_N=block_n, BLOCK_D=block_d)
+            k, offset_ptr, v, floor, k_norm, k_inv_pow_norm, partial, n, num_heads, D, chunk, 1 / n,
+            k.stride(0), k.stride(1), stride_ob, stride_on, v.stride(0), v.stride(1), partial.stride(0),
+            partial.stride(1), P=focusing_factor, HAS_OFFSET=offset is not None, IEEE=ieee, ROW_STATS=row_stats,
+            BLOCK_N=block_n, BLOCK_D=block_d)
         state = partial.sum(1) if splits > 1 else partial[:, 0].contiguous()
         out = torch.empty(B, N, C, device=q.device, dtype=v.dtype)
         res = residual if residual is not None else out
@@ -349,15 +378,17 @@ class _FocusedLinearAttentionFn(torch.autograd.Function):
             q.stride(0), q.stride(1), res.stride(0), res.stride(1), out.stride(0), out.stride(1),
             P=focusing_factor, HAS_RES=residual is not None, IEEE=ieee, ROW_STATS=row_stats, BLOCK_M=block_m,
             BLOCK_D=block_d)
-        ctx.save_for_backward(q, k, v, floor, q_norm, q_inv_pow_norm, k_norm, k_inv_pow_norm, state)
+        ctx.save_for_backward(q, k, v, floor, key_offset, q_norm, q_inv_pow_norm, k_norm, k_inv_pow_norm, state)
         ctx.focusing_factor, ctx.num_heads, ctx.has_residual = focusing_factor, num_heads, residual is not None
         return out
 
     @staticmethod
     def backward(ctx, grad):
         grad = grad if grad.stride(-1) == 1 else grad.contiguous()
-        q, k, v, floor, q_norm, q_inv_pow_norm, k_norm, k_inv_pow_norm, state = ctx.saved_tensors
+        q, k, v, floor, key_offset, q_norm, q_inv_pow_norm, k_norm, k_inv_pow_norm, state = ctx.saved_tensors
         p, H = ctx.focusing_factor, ctx.num_heads
+        offset = key_offset.expand_as(k) if key_offset is not None else None
+        offset_ptr, stride_ob, stride_on = _offset_args(k, offset)
         B, N, C = q.shape
         n = k.shape[1]
         D = C // H
@@ -374,12 +405,14 @@ class _FocusedLinearAttentionFn(torch.autograd.Function):
         dphi = torch.empty(B, n, C, device=q.device, dtype=torch.float32)
         dv = torch.empty_like(dphi)
         _kv_state_bwd[(triton.cdiv(n, block_n), B * H)](
-            k, v, floor, k_norm, k_inv_pow_norm, dstate, dphi, dv, n, H, D, 1 / n,
-            k.stride(0), k.stride(1), v.stride(0), v.stride(1), P=p, BLOCK_N=block_n, BLOCK_D=block_d)
+            k, offset_ptr, v, floor, k_norm, k_inv_pow_norm, dstate, dphi, dv, n, H, D, 1 / n,
+            k.stride(0), k.stride(1), stride_ob, stride_on, v.stride(0), v.stride(1), P=p,
+            HAS_OFFSET=offset is not None, BLOCK_N=block_n, BLOCK_D=block_d)
         dq, dfloor_q = _kernel_backward(q, floor, q_norm, q_inv_pow_norm, du, dden, p, True, H, 1 / n)
-        dk, dfloor_k = _kernel_backward(k, floor, k_norm, k_inv_pow_norm, dphi, None, p, False, H, 1 / n)
+        dk, dfloor_k = _kernel_backward(k, floor, k_norm, k_inv_pow_norm, dphi, None, p, False, H, 1 / n, offset)
         dresidual = grad if ctx.has_residual else None
-        return dq, dk, dv.to(v.dtype), dfloor_q + dfloor_k, None, None, dresidual
+        doffset = dk.sum_to_size(key_offset.shape) if ctx.needs_input_grad[7] else None
+        return dq, dk, dv.to(v.dtype), dfloor_q + dfloor_k, None, None, dresidual, doffset
 
 
 def triton_focused_linear_attention(
@@ -396,12 +429,11 @@ def triton_focused_linear_attention(
     def unit_channel_stride(t):
         return t if t.stride(-1) == 1 else t.contiguous()
 
-    if key_offset is not None:
-        k = k + key_offset
-
     q, k, v = unit_channel_stride(q), unit_channel_stride(k), unit_channel_stride(v)
     if residual is not None:
         residual = unit_channel_stride(residual)
     if v.dtype != q.dtype or k.dtype != q.dtype:
         k, v = k.to(q.dtype), v.to(q.dtype)
-    return _FocusedLinearAttentionFn.apply(q, k, v, floor, float(focusing_factor), num_heads, residual)
+    if key_offset is not None:
+        key_offset = unit_channel_stride(key_offset.to(k.dtype))
+    return _FocusedLinearAttentionFn.apply(q, k, v, floor, float(focusing_factor), num_heads, residual, key_offset)

@@ -13,7 +13,9 @@ one head):
   (dphi(k), dv) and `_kernel_bwd` (through the focusing map and the max() back to q, k and the floor).
 
 Inputs are (B, N, C) tokens with unit channel stride and any batch / token strides (e.g. chunks of a
-fused qkv projection), in float32, bfloat16 or float16; every accumulation is float32.
+fused qkv projection), in float32, bfloat16 or float16; every accumulation is float32. A key offset (the key
+positional encoding, broadcast over the batch) is added to k as the kernels load it: no pass of its own, and
+nothing but k kept for backward.
 Runs on CUDA, and on the CPU under TRITON_INTERPRET=1 (how the tests check it without a GPU).
 """
 import functools

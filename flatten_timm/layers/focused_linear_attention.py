@@ -137,9 +137,9 @@ def _attention_backward_per_head(u, k_phi, v, eps, grad, num_heads: int):
         kv = torch.cat([torch.bmm(k_i.transpose(1, 2), v_i), k_i.sum(1).unsqueeze(-1)], dim=-1)
         out = torch.bmm(u_i, kv).float()
         normaliser = out[..., d:] + eps
-        # [dnumerator | dnormaliser] written in place, in v's dtype for the matmuls below
+        # [dnumerator | dnormaliser], in v's dtype for the matmuls below
         dout = u.new_empty(B, N, d + 1)
-        torch.div(grad_i, normaliser, out=dout[..., :d])
+        dout[..., :d] = grad_i / normaliser
         dnormaliser = (grad_i * out[..., :d]).sum(-1, keepdim=True).div_(normaliser.square()).neg_()
         dout[..., d:] = dnormaliser
         du.append(torch.bmm(dout, kv.transpose(1, 2)))
@@ -160,9 +160,9 @@ def _attention_backward_block_diagonal(u, k_phi, v, eps, grad, num_heads: int):
     out = torch.bmm(u, state).float()
     normaliser = (out[..., C:] + eps).unsqueeze(-1)
     grad_heads = grad.unflatten(-1, (H, -1))
-    # [dnumerator | dnormaliser] written in place, in v's dtype for the matmuls below
+    # [dnumerator | dnormaliser], in v's dtype for the matmuls below
     dout = u.new_empty(B, N, C + H)
-    torch.div(grad_heads, normaliser, out=dout[..., :C].unflatten(-1, (H, -1)))
+    dout[..., :C] = (grad_heads / normaliser).flatten(2)
     dnormaliser = (grad_heads * out[..., :C].unflatten(-1, (H, -1))).sum(-1, keepdim=True)
     dnormaliser = dnormaliser.div_(normaliser.square()).neg_()
     dout[..., C:] = dnormaliser.flatten(2)

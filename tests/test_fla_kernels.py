@@ -359,3 +359,24 @@ def test_tokens_with_every_channel_at_the_floor_have_finite_gradients(impl):
     for name, g, r in zip(('q', 'k', 'v', 'floor'), grads, ref_grads):
         assert torch.isfinite(g).all(), name
         assert relative_error(g, r) < 1e-3, name
+
+
+def test_block_diagonal_heads_compile_in_one_graph(monkeypatch):
+    """What a GPU compiles in half precision: the block-diagonal heads (their writes into views of the state and
+    the backward's output) trace into one graph, forward and backward, and equal eager."""
+    force_block_diagonal_heads(monkeypatch, True)
+    torch.manual_seed(0)
+    layer = FocusedLinearAttention(48, num_heads=3, grid_size=(6, 6))
+    with torch.no_grad():
+        layer.scale.normal_()
+        layer.positional_encoding.normal_()
+    x = torch.randn(2, 36, 48, requires_grad=True)
+    compiled = torch.compile(layer, backend='aot_eager', fullgraph=True)
+    out, ref = compiled(x, (6, 6)), layer(x, (6, 6))
+    torch.testing.assert_close(out, ref)
+    grad = torch.randn_like(ref)
+    inputs = (x, layer.scale, layer.positional_encoding)
+    for g, r in zip(torch.autograd.grad(out, inputs, grad), torch.autograd.grad(ref, inputs, grad)):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, (6, 6)), layer(x, (6, 6)))

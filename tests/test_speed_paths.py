@@ -211,16 +211,31 @@ def test_profile_script_charges_each_part_its_time(tmp_path):
     assert report['top_kernels'] and all(k['ms'] >= 0 and k['calls'] >= 1 for k in report['top_kernels'])
 
 
-def test_inference_on_the_gpu_code_path_launches_no_per_call_parameter_ops():
-    """scripts/count_ops.py on FLatten-PVTv2-b0: after the first call, inference runs no op that only derives
-    values from the parameters (the softplus of the scale, the repeats of the folded weights and kernels), and
-    its op count (a GPU's launches) stays where this work brought it (300 here; 508 before)."""
+@pytest.fixture(scope='module')
+def count_ops():
+    """scripts/count_ops.py as a module."""
     import importlib.util
     from pathlib import Path
     path = Path(__file__).resolve().parents[1] / 'scripts' / 'count_ops.py'
     spec = importlib.util.spec_from_file_location('count_ops', path)
-    count_ops = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(count_ops)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_inference_on_the_gpu_code_path_launches_no_per_call_parameter_ops(count_ops):
+    """scripts/count_ops.py on FLatten-PVTv2-b0: after the first call, inference runs no op that only derives
+    values from the parameters (the softplus of the scale, the repeats of the folded weights and kernels), and
+    its op count (a GPU's launches) stays where this work brought it (300 here; 508 before)."""
     counter = count_ops.count('flatten_pvt_v2_b0', img_size=64, batch_size=1)
     assert not {'softplus', 'repeat'} & set(counter.calls), counter.calls
     assert sum(counter.calls.values()) <= 310
+
+
+def test_training_keeps_about_what_its_softmax_peer_keeps(count_ops):
+    """The bytes a bf16 training forward keeps for backward per image (scripts/count_ops.py --training): at 64 px
+    FLatten-PVTv2-b0 keeps 1.05x what pvt_v2_b0 keeps (it has full-size keys and values where the peer reduces
+    them); 1.28x before its attention kept only q, k and v."""
+    flatten = count_ops.kept_for_backward_per_image('flatten_pvt_v2_b0', 64)
+    peer = count_ops.kept_for_backward_per_image('pvt_v2_b0', 64)
+    assert flatten <= 1.1 * peer, (flatten / 2**20, peer / 2**20)

@@ -618,5 +618,6 @@ class FocusedLinearAttention2d(FocusedLinearAttention):
         if not is_exporting() and min(H, W) < self.sr_ratio:  # sizes are symbols in an exported graph
             raise ValueError(f'a {H}x{W} map is smaller than sr_ratio={self.sr_ratio}: use a smaller sr_ratio '
                              f'for maps this small')
-        out = super().forward(map_to_tokens(x), (H, W))
+        # tokens copied once from a channels-first map: the q/k and v projections would each copy it otherwise
+        out = super().forward(map_to_tokens(x).contiguous(), (H, W))
         return tokens_to_map(out, (H, W))

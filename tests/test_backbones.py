@@ -106,7 +106,7 @@ def test_attention_2d_equals_the_token_core_on_the_same_weights():
     for h, w in [(6, 10), (13, 7), (20, 33)]:
         x = torch.randn(2, 32, h, w)
         with torch.no_grad():
-            tokens = core(x.flatten(2).transpose(1, 2), (h, w))
+            tokens = core(x.flatten(2).transpose(1, 2).contiguous(), (h, w))
             out = attn2d(x)
         assert out.shape == x.shape
         torch.testing.assert_close(out, tokens.transpose(1, 2).reshape(2, 32, h, w), rtol=0, atol=0)

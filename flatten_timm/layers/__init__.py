@@ -4,7 +4,7 @@ from .focused_linear_attention import (
     run_focused_linear_attention)
 from .grid_tokens import (
     GridTableResizer, channels_last_to_tokens, map_to_tokens, merge_windows, pad_nhwc, partition_windows,
-    resample_grid_tokens, tokens_to_channels_last, tokens_to_map)
+    resample_grid_tokens, tokens_to_channels_last, tokens_to_map, windows_as_map)
 from .softmax_attention import softmax_attention
 from .spatial_reduction import SpatialReduction, SpatialReductionAttention
 from .conv_embed import ConvEmbed, PatchEmbed

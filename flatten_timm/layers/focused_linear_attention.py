@@ -62,14 +62,35 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_head
     return x.transpose(1, 2).reshape(B, N, C)
 
 
-def _kernel_powers(x: torch.Tensor, floor: torch.Tensor, p: float, in_place: bool, overwrite: bool = False):
-    """||t||, t**p and ||t**p|| (L2 over C) of the kernel t = max(x, floor), in floor's dtype (float32 or wider:
-    max() promotes a lower-precision x in its own pass). in_place: t**p over t; overwrite: t over x, when x
-    has floor's dtype."""
+def _focused(x: torch.Tensor, floor: torch.Tensor, p: float, dtype: torch.dtype, in_place: bool,
+             overwrite: bool = False, unit: bool = False, divisor: float = 1.) -> Tuple[torch.Tensor, torch.Tensor]:
+    """phi_p(t) / divisor of the kernel t = max(x, floor) over the last dim (or t**p at unit norm, if `unit`),
+    rounded to dtype, and ||t||. t is in floor's dtype (float32 or wider: max() promotes a lower-precision x in
+    its own pass). in_place: the power and the scaling overwrite t; overwrite: t overwrites x, when x has floor's
+    dtype."""
     t = torch.maximum(x, floor, out=x) if overwrite and x.dtype == floor.dtype else torch.maximum(x, floor)
-    t_norm = torch.linalg.vector_norm(t, dim=-1, keepdim=True)
-    t_pow = t.pow_(p) if in_place else t ** p
-    return t_norm, t_pow, torch.linalg.vector_norm(t_pow, dim=-1, keepdim=True)
+    norm = torch.linalg.vector_norm(t, dim=-1, keepdim=True)
+    t = t.pow_(p) if in_place else t ** p
+    pow_norm = torch.linalg.vector_norm(t, dim=-1, keepdim=True)
+    if unit:
+        scale = pow_norm.reciprocal_() if in_place else 1 / pow_norm
+    elif in_place:
+        scale = torch.div(norm, pow_norm.mul_(divisor) if divisor != 1 else pow_norm)
+    else:
+        scale = norm / (pow_norm * divisor)
+    # the scaling also rounds to dtype: one pass
+    return (_rounded(torch.mul, t, scale, dtype) if in_place else (t * scale).to(dtype)), norm
+
+
+def _adjacent_halves(q: torch.Tensor, k: torch.Tensor) -> Optional[torch.Tensor]:
+    """q and k as one (B, N, 2, C) view when k's channels follow q's in the same rows (the two halves of one
+    projection's output), else None. Eager tensors only: traced ones have no storage to compare."""
+    C = q.shape[-1]
+    if (q.shape != k.shape or q.stride() != k.stride() or q.dtype != k.dtype or q.stride(-1) != 1
+            or q.stride(1) < 2 * C or k.storage_offset() - q.storage_offset() != C
+            or q.untyped_storage().data_ptr() != k.untyped_storage().data_ptr()):
+        return None
+    return q.as_strided((q.shape[0], q.shape[1], 2, C), (q.stride(0), q.stride(1), C, 1))
 
 
 class _FocusingKernel:
@@ -114,7 +135,7 @@ def _diagonal_blocks(x: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 
 def _head_state(k_phi: torch.Tensor, v: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """[k^T v / n | mean k] of all heads as one (B, C, C + H) matrix: each head's block on the diagonal, its
+    """[k^T v | sum k] of all heads as one (B, C, C + H) matrix: each head's block on the diagonal, its
     normaliser in column C + h; zeros elsewhere, so (B, N, C) queries times it give every head's output."""
     B, n, C = k_phi.shape
     H = num_heads
@@ -223,11 +244,11 @@ def _rounded(op, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.
 _BATCHED_HEADS_MAX_TOKENS = 4096  # batch x tokens up to which all heads go through one matmul
 
 
-def _attend_block_diagonal(q_pow, k_phi, v, eps, num_heads: int, residual, overwrite_inputs: bool) -> torch.Tensor:
+def _attend_block_diagonal(q_phi, k_phi, v, eps, num_heads: int, residual, overwrite_inputs: bool) -> torch.Tensor:
     """Every head's attention by two matmuls over all C channels (`_head_state`): a fixed number of ops and no
     copies of the heads, where a loop over heads launches six ops per head."""
-    C, H = q_pow.shape[-1], num_heads
-    out = torch.bmm(q_pow, _head_state(k_phi, v, H))
+    C, H = q_phi.shape[-1], num_heads
+    out = torch.bmm(q_phi, _head_state(k_phi, v, H))
     numerator, normaliser = out[..., :C].unflatten(-1, (H, -1)), (out[..., C:] + eps).unsqueeze(-1)
     if residual is None:
         return (numerator / normaliser).flatten(2).to(v.dtype)
@@ -256,9 +277,9 @@ def focused_linear_attention(
     to k (the key positional encoding), is added to k first: with autograd, k + key_offset is recomputed in
     backward rather than kept.
     Returns (B, N, C) in v's dtype, equal to `linear_attention(focusing_map(.), focusing_map(.), v)`:
-    - phi(q_i) = c_i * t_i**p with a per-token c_i = ||t_i|| / ||t_i**p|| that cancels between numerator
-      and normaliser, so the queries are never rescaled: only the normaliser's 1e-6 becomes 1e-6 / c_i;
-    - the normaliser phi(q) . mean(phi(k)) is one more column of the matmul that gives the numerator.
+    - the kernel max(q, floor), its power and both norms are a few passes, over q and k at once when they are
+      the two halves of one projection's output;
+    - the normaliser phi(q) . sum(phi(k)) is one more column of the matmul that gives the numerator.
     overwrite_inputs: without autograd, q, k and residual may be used as scratch space (the module passes
     its own projections): no new buffers, which on a CPU also spares their first-touch page faults.
     """
@@ -278,29 +299,36 @@ def focused_linear_attention(
     if key_offset is not None:
         k = k.add_(key_offset) if overwrite_inputs else k + key_offset
 
-    q_norm, q_pow, q_pow_norm = _kernel_powers(q, floor, focusing_factor, in_place, overwrite_inputs)
-    k_norm, k_pow, k_pow_norm = _kernel_powers(k, floor, focusing_factor, in_place, overwrite_inputs)
-    # phi(k) / n: the 1 / n of k^T v / n rides in the per-token norm ratio (and keeps fp16 in range)
-    k_ratio = k_norm / (k_pow_norm * n)
-    # the last scaling of each also rounds to v's dtype: one pass
-    k_phi = _rounded(torch.mul, k_pow, k_ratio, v.dtype) if in_place else (k_pow * k_ratio).to(v.dtype)
-    if v.dtype in (torch.float16, torch.bfloat16):
-        # unit-norm queries stay inside the fp16 range (an all-negative query maps to ~1e-6)
+    p, dtype = focusing_factor, v.dtype
+    if dtype == torch.float16:
+        # fp16 range: unit-norm queries (an all-negative query maps to ~1e-6), and phi(k) / n, which keeps
+        # k^T v / n in range; the queries' per-token scale cancels between numerator and normaliser but for the
+        # normaliser's 1e-6
+        q_phi, q_norm = _focused(q, floor, p, dtype, in_place, overwrite_inputs, unit=True)
+        k_phi = _focused(k, floor, p, dtype, in_place, overwrite_inputs, divisor=n)[0]
         eps = 1e-6 / q_norm
-        q_pow = _rounded(torch.div, q_pow, q_pow_norm, v.dtype) if in_place else (q_pow / q_pow_norm).to(v.dtype)
     else:
-        eps = 1e-6 * q_pow_norm / q_norm
-        q_pow = q_pow.to(v.dtype)
-    if not exporting and _block_diagonal_pays(q_pow, num_heads):
-        return _attend_block_diagonal(q_pow, k_phi, v, eps, num_heads, residual, overwrite_inputs)
+        # phi(q) and phi(k) exactly, and the 1 / n of the spec's k^T v / n and mean(phi(k)) cancels between
+        # numerator and normaliser but for the normaliser's 1e-6, which becomes n * 1e-6
+        eps = n * 1e-6
+        qk = None if exporting or torch.compiler.is_compiling() else _adjacent_halves(q, k)
+        if qk is not None:  # the halves of one projection: both maps in the same passes
+            q_phi, k_phi = _focused(qk, floor, p, dtype, in_place, overwrite_inputs)[0].unbind(2)
+        else:
+            q_phi = _focused(q, floor, p, dtype, in_place, overwrite_inputs)[0]
+            k_phi = _focused(k, floor, p, dtype, in_place, overwrite_inputs)[0]
+    if not exporting and _block_diagonal_pays(q_phi, num_heads):
+        return _attend_block_diagonal(q_phi, k_phi, v, eps, num_heads, residual, overwrite_inputs)
     if exporting or (num_heads > 1 and B * N <= _BATCHED_HEADS_MAX_TOKENS):
         # few tokens: one matmul over all heads beats a Python loop of small ops (the copies are small);
         # an exported graph takes this path at every size (B and N are symbols there)
         k_heads = k_phi.reshape(B, n, num_heads, d).transpose(1, 2)
         kv = torch.matmul(k_heads.transpose(-2, -1), v.reshape(B, n, num_heads, d).transpose(1, 2))
         kv = torch.cat([kv, k_heads.sum(dim=-2).unsqueeze(-1)], dim=-1)
-        out = torch.matmul(q_pow.reshape(B, N, num_heads, d).transpose(1, 2), kv)
-        out = (out[..., :d] / (out[..., d:] + eps.unsqueeze(1))).transpose(1, 2).reshape(B, N, C)
+        out = torch.matmul(q_phi.reshape(B, N, num_heads, d).transpose(1, 2), kv)
+        if isinstance(eps, torch.Tensor) and eps.dim() == 3:  # per token (fp16): broadcast over the heads
+            eps = eps.unsqueeze(1)
+        out = (out[..., :d] / (out[..., d:] + eps)).transpose(1, 2).reshape(B, N, C)
         if residual is not None:
             out = residual.add_(out) if overwrite_inputs else out + residual
         return out.to(v.dtype)
@@ -309,9 +337,9 @@ def focused_linear_attention(
     for i in range(num_heads):
         cols = slice(i * d, (i + 1) * d)
         k_i = k_phi[..., cols]
-        # [k^T v / n | mean(k)]: the normaliser is one more column of the numerator's matmul
+        # [k^T v | sum(k)]: the normaliser is one more column of the numerator's matmul
         kv = torch.cat([torch.bmm(k_i.transpose(1, 2), v[..., cols]), k_i.sum(dim=1).unsqueeze(-1)], dim=-1)
-        out = torch.bmm(q_pow[..., cols], kv)
+        out = torch.bmm(q_phi[..., cols], kv)
         numerator, normaliser = out[..., :d], out[..., d:] + eps
         if residual is None:
             heads.append(numerator / normaliser)

@@ -9,7 +9,7 @@ from .parameter_cache import ParameterCache
 from .symbolic_shapes import is_exporting, may_pad
 
 __all__ = ['tokens_to_map', 'map_to_tokens', 'tokens_to_channels_last', 'channels_last_to_tokens', 'pad_nhwc',
-           'partition_windows', 'merge_windows', 'resample_grid_tokens', 'GridTableResizer']
+           'partition_windows', 'merge_windows', 'windows_as_map', 'resample_grid_tokens', 'GridTableResizer']
 
 
 def tokens_to_map(x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
@@ -51,21 +51,29 @@ def pad_nhwc(x: torch.Tensor, pad_h: int, pad_w: int) -> torch.Tensor:
 
 
 def partition_windows(x: torch.Tensor, counts: Tuple[int, int], window: Tuple[int, int]) -> torch.Tensor:
-    """(B, counts[0] * window[0], counts[1] * window[1], C) map -> (B * count, window[0], window[1], C) windows.
+    """(B, counts[0] * window[0], counts[1] * window[1], ...) map -> (B * count, window[0], window[1], ...) windows
+    (any trailing dims: channels, or q/k/v and channels). A view when the windows are whole rows of the map.
 
     Every size is given, none divided or inferred (-1): sizes may be symbolic while exporting, and
     torch.export cannot prove such divisions exact for every input size.
     """
-    B, C = x.shape[0], x.shape[-1]
-    x = x.reshape(B, counts[0], window[0], counts[1], window[1], C).transpose(2, 3)
-    return x.reshape(B * counts[0] * counts[1], window[0], window[1], C)
+    B, rest = x.shape[0], x.shape[3:]
+    x = x.reshape(B, counts[0], window[0], counts[1], window[1], *rest).transpose(2, 3)
+    return x.reshape(B * counts[0] * counts[1], window[0], window[1], *rest)
 
 
 def merge_windows(windows: torch.Tensor, batch: int, counts: Tuple[int, int], window: Tuple[int, int]) -> torch.Tensor:
     """(batch * count, window[0], window[1], C) windows -> (batch, counts[0] * window[0], counts[1] * window[1], C)."""
+    return windows_as_map(windows, batch, counts, window).flatten(2, 3)
+
+
+def windows_as_map(windows: torch.Tensor, batch: int, counts: Tuple[int, int], window: Tuple[int, int]
+                   ) -> torch.Tensor:
+    """(batch * count, window[0], window[1], C) windows as the (batch, H, counts[1], window[1], C) map they tile,
+    a view: whoever consumes the map next (a concatenation, a copy) does the one reordering copy."""
     C = windows.shape[-1]
     x = windows.reshape(batch, counts[0], counts[1], window[0], window[1], C).transpose(2, 3)
-    return x.reshape(batch, counts[0] * window[0], counts[1] * window[1], C)
+    return x.flatten(1, 2)
 
 
 def resample_grid_tokens(tokens: torch.Tensor, src_size: Tuple[int, int], dst_size: Tuple[int, int]) -> torch.Tensor:

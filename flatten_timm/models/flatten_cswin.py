@@ -19,8 +19,9 @@ from timm.layers import DropPath, LayerNorm2d, register_notrace_module, to_2tupl
 from timm.models import generate_default_cfgs, register_model
 
 from flatten_timm.layers import (
-    ConvEmbed, FocusedLinearAttention, Linear, Mlp, merge_windows, pad_nhwc, partition_windows, softmax_attention)
-from flatten_timm.layers.symbolic_shapes import is_symbolic, size_min, tile_count
+    ConvEmbed, FocusedLinearAttention, Linear, Mlp, pad_nhwc, partition_windows, softmax_attention, windows_as_map)
+from flatten_timm.layers.parameter_cache import ParameterCache
+from flatten_timm.layers.symbolic_shapes import is_symbolic, may_pad, size_min, tile_count
 from ._base import (
     FlattenModel, build_flatten_model, init_weights,
     PyramidStage, resolve_stage_args, stage_drop_path_rates, stage_reduction)
@@ -89,6 +90,11 @@ class CrossStripeAttention(nn.Module):
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
+        self._stacked_lepe = ParameterCache(max_entries=1)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._stacked_lepe.clear()  # a move frees storages whose addresses the next ones may reuse
+        return super()._apply(fn, *args, **kwargs)
 
     def stripes(self, branch: int, feat_size: Size) -> Tuple[Size, Size]:
         """Stripe count and stripe size of a branch: the full map, or full height (width) by split_size,
@@ -116,48 +122,97 @@ class CrossStripeAttention(nn.Module):
         local = lepe(v_at_queries.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(Bw, h * w, num_heads, d)
         return (local + x.transpose(1, 2)).reshape(Bw, h, w, C)
 
-    def _whole_stripes(self, q, k, v, counts: Size, stripe: Size, lepe: nn.Module, num_heads: int) -> torch.Tensor:
-        """Attention within the stripes of (B, H, W, C) maps that are whole numbers of stripes."""
-        B = q.shape[0]
-        q, k, v = (partition_windows(t, counts, stripe) for t in (q, k, v))
-        return merge_windows(self._attend(q, k, v, v, lepe, num_heads), B, counts, stripe)
+    def _whole_stripes(self, qkv, counts: Size, stripe: Size, lepe: nn.Module, num_heads: int) -> torch.Tensor:
+        """Attention within the stripes of a (B, H, W, 3, C) map of q, k and v that is a whole number of stripes;
+        returns the (B, H, W, C) result as the (B, H, counts[1], stripe[1], C) view of its stripes."""
+        # q, k and v partitioned together: at most one copy (none for stripes of whole rows)
+        q, k, v = partition_windows(qkv, counts, stripe).unbind(3)
+        return windows_as_map(self._attend(q, k, v, v, lepe, num_heads), qkv.shape[0], counts, stripe)
 
-    def _branch(self, q, k, v, counts: Size, stripe: Size, lepe: nn.Module, num_heads: int) -> torch.Tensor:
-        """Attention within stripes of (B, H, W, C) maps; returns the (B, H, W, C) result.
+    def _branch(self, qkv, counts: Size, stripe: Size, lepe: nn.Module, num_heads: int) -> torch.Tensor:
+        """Attention within stripes of a (B, H, W, 3, C) map of q, k and v; returns the (B, H, W, C) result, or the
+        (B, H, W', w, C) view of its stripes (see `_whole_stripes`).
 
         A map that is not a whole number of stripes is zero-padded to one: the padded keys and values take part
         in the last stripe's softmax, the padded queries are cropped (LePE, a conv within each stripe, sees zeros
         beyond the map either way).
         """
-        B, H, W, C = q.shape
+        B, H, W = qkv.shape[:3]
         pad_h, pad_w = counts[0] * stripe[0] - H, counts[1] * stripe[1] - W
         if is_symbolic():  # sizes may be symbols: pad to whole stripes in the graph, at every size
-            q, k, v = (pad_nhwc(t, pad_h, pad_w) for t in (q, k, v))
-            return self._whole_stripes(q, k, v, counts, stripe, lepe, num_heads)[:, :H, :W]
+            padded = F.pad(qkv, (0, 0, 0, 0, 0, pad_w, 0, pad_h)) if may_pad(pad_h, pad_w) else qkv
+            return self._whole_stripes(padded, counts, stripe, lepe, num_heads).flatten(2, 3)[:, :H, :W]
         if not (pad_h or pad_w):
-            return self._whole_stripes(q, k, v, counts, stripe, lepe, num_heads)
+            return self._whole_stripes(qkv, counts, stripe, lepe, num_heads)
         # stripes span the other axis whole, so only the last stripe is partial: its real queries attend alone,
         # over its keys and values padded as above, and the padded queries are never computed
         axis, width, pad = (1, stripe[0], pad_h) if pad_h else (2, stripe[1], pad_w)
-        whole = q.shape[axis] + pad - width
+        whole = qkv.shape[axis] + pad - width
         whole_counts = (counts[0] - 1, 1) if pad_h else (1, counts[1] - 1)
-        out = self._whole_stripes(*(t.narrow(axis, 0, whole) for t in (q, k, v)), whole_counts, stripe, lepe,
-                                  num_heads)
-        q_last, k_last, v_last = (t.narrow(axis, whole, width - pad) for t in (q, k, v))
+        out = self._whole_stripes(qkv.narrow(axis, 0, whole), whole_counts, stripe, lepe, num_heads).flatten(2, 3)
+        q_last, k_last, v_last = qkv.narrow(axis, whole, width - pad).unbind(3)
         last = self._attend(q_last, pad_nhwc(k_last, pad_h, pad_w), pad_nhwc(v_last, pad_h, pad_w), v_last, lepe,
                             num_heads)
         return torch.cat([out, last], dim=axis)
 
+    def _fits_square_stripes(self, feat_size: Size) -> bool:
+        """Whether `_square_stripes` serves a map: two branches, a square map of two or more whole stripes (sizes
+        that are not symbols)."""
+        H, W = feat_size
+        return (self.num_branches == 2 and not is_symbolic() and H == W and H > self.split_size
+                and H % self.split_size == 0)
+
+    def _square_stripes(self, qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+        """Both branches over a square (B, H, H, 3, 2, C') map of q, k and v that is a whole number of stripes;
+        returns the (B, H, H, C) result.
+
+        A vertical stripe and a transposed horizontal one then have the same shape: one attention over
+        both, with the heads of both, and one LePE conv with both kernels (the horizontal one transposed; a 3x3
+        conv with zero padding commutes with transposing its window). Attention does not depend on the order of
+        its tokens, so the results equal the branches' own.
+        """
+        B, H, W, _, _, c = qkv.shape
+        s = self.split_size
+        n, d = H // s, c // num_heads
+        # window j: the vertical stripe of columns j*s..j*s+s (H x s), the horizontal stripe of rows j*s..j*s+s
+        # transposed (W x s): one copy of the map's q, k and v in the windows' order
+        vertical = qkv[..., 0, :].unflatten(2, (n, s)).transpose(1, 2)
+        horizontal = qkv[..., 1, :].unflatten(1, (n, s)).permute(0, 1, 3, 2, 4, 5)
+        windows = torch.stack([vertical, horizontal], dim=-2).reshape(B * n, H * s, 3, 2 * num_heads, d)
+        q, k, v = windows.unbind(2)
+        x = softmax_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                              dropout_p=self.attn_drop.p if self.training else 0., fused=self.fused_attn)
+        weight, bias = self._stacked_lepe.get(
+            'lepe', self.lepe.parameters(),
+            lambda: (torch.cat([self.lepe[0].weight, self.lepe[1].weight.transpose(-1, -2)]),
+                     torch.cat([self.lepe[0].bias, self.lepe[1].bias])))
+        local = F.conv2d(v.reshape(B * n, H, s, 2 * c).permute(0, 3, 1, 2), weight.to(v.dtype), bias.to(v.dtype),
+                         padding=1, groups=2 * c)
+        # channels_last conv output: (B', L, 2h, d) as a view, and the sum lands in that order
+        out = (local.permute(0, 2, 3, 1).reshape(B * n, H * s, 2 * num_heads, d) + x.transpose(1, 2))
+        out = out.reshape(B, n, H, s, 2, c)
+        # back to the map in one copy: vertical (B, j, row, col in stripe) and horizontal (B, j, col, row in stripe)
+        vertical = out[..., 0, :].unflatten(2, (n, s)).permute(0, 2, 3, 1, 4, 5)
+        horizontal = out[..., 1, :].unflatten(2, (n, s)).permute(0, 1, 4, 2, 3, 5)
+        return torch.stack([vertical, horizontal], dim=-2).reshape(B, H, W, 2 * c)
+
     def forward(self, x: torch.Tensor, feat_size: Size) -> torch.Tensor:
         B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, feat_size[0], feat_size[1], 3, C).unbind(3)
+        H, W = feat_size
         heads = self.num_heads // self.num_branches
-        outs = []
-        for b, (qb, kb, vb) in enumerate(zip(q.chunk(self.num_branches, -1), k.chunk(self.num_branches, -1),
-                                             v.chunk(self.num_branches, -1))):
-            outs.append(self._branch(qb, kb, vb, *self.stripes(b, feat_size), self.lepe[b], heads))
-        x = torch.cat(outs, dim=-1).reshape(B, N, C)
-        return self.proj_drop(self.proj(x))
+        # (B, H, W, 3, branch, C / branches): each branch's q, k and v, as views
+        qkv = self.qkv(x).reshape(B, H, W, 3, self.num_branches, C // self.num_branches)
+        if self._fits_square_stripes(feat_size):
+            x = self._square_stripes(qkv, heads)
+        else:
+            maps = [self._branch(qkv[..., b, :], *self.stripes(b, feat_size), self.lepe[b], heads)
+                    for b in range(self.num_branches)]
+            if len(maps) == 2:
+                # the other branch's map viewed in the layout of the first's: the concatenation reorders the
+                # vertical stripes into the map in the same pass
+                maps[1] = maps[1].reshape(maps[0].shape[:-1] + maps[1].shape[-1:])
+            x = maps[0] if len(maps) == 1 else torch.cat(maps, dim=-1)
+        return self.proj_drop(self.proj(x.reshape(B, N, C)))
 
 
 class FlattenCSWinBlock(nn.Module):

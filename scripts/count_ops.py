@@ -47,19 +47,23 @@ class OpCounter(TorchDispatchMode):
 
 @contextlib.contextmanager
 def gpu_code_path():
-    """The choices a GPU makes: no CPU-only fusion, softmax windows through SDPA at every size, and the heads of
-    a half-precision focused linear attention as block-diagonal matmuls."""
+    """The choices a GPU makes: no CPU-only fusion, softmax windows through SDPA at every size, the heads of
+    a half-precision focused linear attention as block-diagonal matmuls, and its backward's queries and keys
+    stacked."""
     softmax = importlib.import_module('flatten_timm.layers.softmax_attention')
     linear = importlib.import_module('flatten_timm.layers.focused_linear_attention')
     fused = set_cpu_fusion(False)
-    explicit_max, block_diagonal = softmax._CPU_EXPLICIT_MAX_KEYS, linear._block_diagonal_pays
+    explicit_max, block_diagonal, stacking = (
+        softmax._CPU_EXPLICIT_MAX_KEYS, linear._block_diagonal_pays, linear._stacking_pays)
     softmax._CPU_EXPLICIT_MAX_KEYS = 0
     linear._block_diagonal_pays = lambda q, num_heads: num_heads > 1 and q.dtype in (torch.float16, torch.bfloat16)
+    linear._stacking_pays = lambda q: True
     try:
         yield
     finally:
         set_cpu_fusion(fused)
-        softmax._CPU_EXPLICIT_MAX_KEYS, linear._block_diagonal_pays = explicit_max, block_diagonal
+        softmax._CPU_EXPLICIT_MAX_KEYS, linear._block_diagonal_pays, linear._stacking_pays = (
+            explicit_max, block_diagonal, stacking)
 
 
 def count(name: str, img_size: int = 224, batch_size: int = 8) -> OpCounter:

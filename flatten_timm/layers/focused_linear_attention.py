@@ -106,12 +106,19 @@ class _FocusingKernel:
         self.inv_pow_norm = 1 / torch.linalg.vector_norm(self.unit, dim=-1, keepdim=True)
         self.unit.mul_(self.inv_pow_norm)
 
-    def backward(self, dunit: torch.Tensor, unit_scale, dt_along_t) -> torch.Tensor:
+    def backward(self, dunit: torch.Tensor, unit_scale, dt_along_t=None) -> torch.Tensor:
         """dt of unit_scale * u from dunit (consumed), plus dt_along_t * t: unit_scale a (dunit - (dunit . u) u)
-        p t**(p-1) (a before any power: a cubed overflows where every channel is at the floor)."""
+        p t**(p-1) (a before any power: a cubed overflows where every channel is at the floor). dt_along_t=None:
+        the map is phi = ||t|| u itself (unit_scale = ||t||), whose norm adds (dunit . u) / ||t|| along t."""
         dot = (dunit * self.unit).sum(-1, keepdim=True)
+        if dt_along_t is None:
+            dt_along_t = dot / self.norm
         dt = dunit.addcmul_(dot, self.unit, value=-1).mul_(self.pow_grad).mul_(unit_scale * self.inv_pow_norm * self.p)
         return dt.addcmul_(dt_along_t, self.t)
+
+    def phi(self, dtype: torch.dtype) -> torch.Tensor:
+        """phi_p(t) = ||t|| u, rounded to dtype (as the forward computed it)."""
+        return torch.mul(self.unit, self.norm, out=torch.empty_like(self.unit, dtype=dtype))
 
     def through_max(self, dt: torch.Tensor, x_dtype: torch.dtype, floor_grad: bool):
         """Gradients of x and (if floor_grad) of floor from dt (consumed), that of t = max(x, floor)."""
@@ -126,6 +133,12 @@ def _block_diagonal_pays(q: torch.Tensor, num_heads: int) -> bool:
     """Heads as block-diagonal matmuls: on a GPU in half precision, where the tensor cores make the extra
     products of other heads' channels free and the launches of a loop over heads are what costs."""
     return num_heads > 1 and q.device.type == 'cuda' and q.dtype in (torch.float16, torch.bfloat16)
+
+
+def _stacking_pays(q: torch.Tensor) -> bool:
+    """Queries and keys of one size stacked for the backward's passes over them: on a GPU, where each pass is a
+    launch; on a CPU the two copies into the stack cost more than the launches they save (1.4x slower)."""
+    return q.device.type == 'cuda'
 
 
 def _diagonal_blocks(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -146,8 +159,8 @@ def _head_state(k_phi: torch.Tensor, v: torch.Tensor, num_heads: int) -> torch.T
 
 
 def _attention_backward_per_head(u, k_phi, v, eps, grad, num_heads: int):
-    """Gradients of the queries u, keys phi(k) / n, values and eps, from that of the output, one head at a time
-    on column slices, as the forward: the matmuls read them in place."""
+    """Gradients of the queries u, keys phi(k) / n, values and (if it is a tensor) eps, from that of the output,
+    one head at a time on column slices, as the forward: the matmuls read them in place."""
     B, N, C = u.shape
     d = C // num_heads
     du, dk_phi, dv, de = [], [], [], 0
@@ -168,7 +181,8 @@ def _attention_backward_per_head(u, k_phi, v, eps, grad, num_heads: int):
         dstate, dsum = dkv[..., :d], dkv[..., d:]
         dk_phi.append(torch.baddbmm(dsum.transpose(1, 2), v_i, dstate.transpose(1, 2)))
         dv.append(torch.bmm(k_i, dstate))
-        de = de + dnormaliser
+        if isinstance(eps, torch.Tensor):
+            de = de + dnormaliser
     du, dk_phi, dv = (x[0] if num_heads == 1 else torch.cat(x, dim=-1) for x in (du, dk_phi, dv))
     return du, dk_phi, dv, de
 
@@ -194,7 +208,7 @@ def _attention_backward_block_diagonal(u, k_phi, v, eps, grad, num_heads: int):
     dsum = dfull[..., C:].view(B, H, C // H, H).diagonal(dim1=1, dim2=3).transpose(1, 2).reshape(B, 1, C)
     dk_phi = torch.baddbmm(dsum, v, dstate.transpose(1, 2))
     dv = torch.bmm(k_phi, dstate)
-    return du, dk_phi, dv, dnormaliser.sum(2)
+    return du, dk_phi, dv, dnormaliser.sum(2) if isinstance(eps, torch.Tensor) else 0
 
 
 class _FocusedLinearAttentionFn(torch.autograd.Function):
@@ -212,28 +226,58 @@ class _FocusedLinearAttentionFn(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         q, k, v, floor_param, key_offset = ctx.saved_tensors
-        n, H = k.shape[1], ctx.num_heads
         floor = floor_param.to(torch.promote_types(q.dtype, torch.float32))
-        queries = _FocusingKernel(q, floor, ctx.p)
-        keys = _FocusingKernel(k if key_offset is None else k + key_offset, floor, ctx.p)
-        eps = 1e-6 / queries.norm  # the normaliser's 1e-6 over the per-token ratio that cancelled
-        u, k_phi = queries.unit.to(v.dtype), (keys.unit * (keys.norm / n)).to(v.dtype)  # as the forward's matmuls
-        if _block_diagonal_pays(u, H):
-            du, dk_phi, dv, de = _attention_backward_block_diagonal(u, k_phi, v, eps, grad, H)
-        else:
-            du, dk_phi, dv, de = _attention_backward_per_head(u, k_phi, v, eps, grad, H)
-
-        # through the focusing maps: u = t**p / ||t**p|| and eps = 1e-6 / ||t|| of q; phi(k) / n = u ||t|| / n of k
-        dt_q = queries.backward(du.float(), 1., -eps * de / queries.norm ** 2)
-        dk_phi = dk_phi.float()
-        dk_dot_u = (dk_phi * keys.unit).sum(-1, keepdim=True)
-        dt_k = keys.backward(dk_phi, keys.norm / n, dk_dot_u / (n * keys.norm))
+        keys = k if key_offset is None else k + key_offset
         floor_grad = ctx.needs_input_grad[3]
-        dq, dfloor_q = queries.through_max(dt_q, q.dtype, floor_grad)
-        dk, dfloor_k = keys.through_max(dt_k, k.dtype, floor_grad)
-        dfloor = (dfloor_q + dfloor_k).to(floor_param.dtype) if floor_grad else None
+        backward = _maps_backward_fp16 if v.dtype == torch.float16 else _maps_backward
+        dq, dk, dv, dfloor = backward(q, keys, v, floor, grad, ctx.p, ctx.num_heads, floor_grad)
+        dfloor = dfloor.to(floor_param.dtype) if floor_grad else None
         doffset = dk.sum_to_size(key_offset.shape) if ctx.needs_input_grad[7] else None
         return dq, dk, dv.to(v.dtype), dfloor, None, None, grad if ctx.has_residual else None, doffset
+
+
+def _attention_backward(u, k_phi, v, eps, grad, num_heads: int):
+    if _block_diagonal_pays(u, num_heads):
+        return _attention_backward_block_diagonal(u, k_phi, v, eps, grad, num_heads)
+    return _attention_backward_per_head(u, k_phi, v, eps, grad, num_heads)
+
+
+def _maps_backward(q, keys, v, floor, grad, p: float, num_heads: int, floor_grad: bool):
+    """Gradients of q, keys (k + key_offset), v and floor, as the forward computed it outside fp16: phi(q) and
+    phi(k) exactly, the normaliser's 1e-6 as n * 1e-6. On a GPU, queries and keys of one size are stacked, so
+    that every pass of the focusing maps and their backward runs once over both."""
+    n = keys.shape[1]
+    if q.shape == keys.shape and _stacking_pays(q):
+        maps = _FocusingKernel(torch.stack([q, keys], dim=2), floor, p)  # (B, N, 2, C)
+        q_phi, k_phi = maps.phi(v.dtype).unbind(2)
+        du, dk_phi, dv, _ = _attention_backward(q_phi, k_phi, v, n * 1e-6, grad, num_heads)
+        dphi = torch.stack([du, dk_phi], dim=2).float()
+        dx, dfloor = maps.through_max(maps.backward(dphi, maps.norm), q.dtype, floor_grad)
+        dq, dk = dx.unbind(2)
+        return dq, dk, dv, dfloor
+    queries, keys = _FocusingKernel(q, floor, p), _FocusingKernel(keys, floor, p)
+    du, dk_phi, dv, _ = _attention_backward(queries.phi(v.dtype), keys.phi(v.dtype), v, n * 1e-6, grad, num_heads)
+    dq, dfloor_q = queries.through_max(queries.backward(du.float(), queries.norm), q.dtype, floor_grad)
+    dk, dfloor_k = keys.through_max(keys.backward(dk_phi.float(), keys.norm), q.dtype, floor_grad)
+    return dq, dk, dv, dfloor_q + dfloor_k if floor_grad else None
+
+
+def _maps_backward_fp16(q, keys, v, floor, grad, p: float, num_heads: int, floor_grad: bool):
+    """`_maps_backward` as the forward computed it in fp16, for its range: queries at unit norm, phi(k) / n, and the
+    normaliser's 1e-6 over the queries' per-token scale that cancelled."""
+    n = keys.shape[1]
+    queries, keys = _FocusingKernel(q, floor, p), _FocusingKernel(keys, floor, p)
+    eps = 1e-6 / queries.norm
+    u, k_phi = queries.unit.to(v.dtype), (keys.unit * (keys.norm / n)).to(v.dtype)  # as the forward's matmuls
+    du, dk_phi, dv, de = _attention_backward(u, k_phi, v, eps, grad, num_heads)
+    # through the focusing maps: u = t**p / ||t**p|| and eps = 1e-6 / ||t|| of q; phi(k) / n = u ||t|| / n of k
+    dt_q = queries.backward(du.float(), 1., -eps * de / queries.norm ** 2)
+    dk_phi = dk_phi.float()
+    dk_dot_u = (dk_phi * keys.unit).sum(-1, keepdim=True)
+    dt_k = keys.backward(dk_phi, keys.norm / n, dk_dot_u / (n * keys.norm))
+    dq, dfloor_q = queries.through_max(dt_q, q.dtype, floor_grad)
+    dk, dfloor_k = keys.through_max(dt_k, q.dtype, floor_grad)
+    return dq, dk, dv, dfloor_q + dfloor_k if floor_grad else None
 
 
 def _rounded(op, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -397,20 +441,29 @@ def _projection_dtype(x: torch.Tensor, param_dtype: torch.dtype) -> torch.dtype:
     return param_dtype
 
 
-def _fold_kernel_into(linear: nn.Linear, inv_scale: torch.Tensor, num_kernel_parts: int,
-                      dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Weight and bias of `linear` whose first num_kernel_parts C-wide outputs (q and/or k) come shifted and
-    divided by the scale, in `dtype`.
+_WeightBias = Tuple[torch.Tensor, Optional[torch.Tensor]]
 
-    (W x + b + 1e-6) / s is one matmul with the rows of W and b scaled: no pass over the tokens is added.
+
+def _fold_kernel_into(linear: nn.Linear, inv_scale: torch.Tensor, num_kernel_parts: int, dtype: torch.dtype
+                      ) -> Tuple[_WeightBias, Optional[_WeightBias]]:
+    """(weight, bias) of the first num_kernel_parts C-wide outputs of `linear` (q and/or k) shifted and divided
+    by the scale, and (weight, bias) of its other outputs (v) as they are (None if it has none), all in `dtype`.
+
+    (W x + b + 1e-6) / s is one matmul with the rows of W and b scaled: no pass over the tokens is added. The
+    other rows are left alone (a training step computes this on every call: few ops, none over v's rows).
     """
     C = inv_scale.shape[0]
-    rest = linear.out_features - num_kernel_parts * C
-    row_scale = torch.cat([inv_scale.repeat(num_kernel_parts), inv_scale.new_ones(rest)])
-    bias = torch.cat([(inv_scale * _KERNEL_SHIFT).repeat(num_kernel_parts), inv_scale.new_zeros(rest)])
-    if linear.bias is not None:
-        bias = bias + linear.bias * row_scale
-    return (linear.weight * row_scale.unsqueeze(-1)).to(dtype), bias.to(dtype)
+    rows = (num_kernel_parts * C, linear.out_features - num_kernel_parts * C)
+    # split, not sliced: in a training step one backward op joins the parts' gradients
+    weight, rest_weight = linear.weight.split(rows)
+    bias, rest_bias = (None, None) if linear.bias is None else linear.bias.split(rows)
+    weight = (weight.unflatten(0, (num_kernel_parts, C)) * inv_scale.unsqueeze(-1)).flatten(0, 1)
+    shift = _KERNEL_SHIFT if bias is None else bias.unflatten(0, (num_kernel_parts, C)) + _KERNEL_SHIFT
+    bias = (shift * inv_scale).expand(num_kernel_parts, C).flatten()
+    rest = None
+    if rows[1]:
+        rest = (rest_weight.to(dtype), None if rest_bias is None else rest_bias.to(dtype))
+    return (weight.to(dtype), bias.to(dtype)), rest
 
 
 @register_notrace_module  # shape-dependent control flow (grids, windows, padding): a leaf for torch.fx
@@ -551,12 +604,13 @@ class FocusedLinearAttention(nn.Module):
         def fold():
             inv_scale = 1 / F.softplus(self.scale.reshape(-1))
             if self.qkv is not None:
-                weight, bias = _fold_kernel_into(self.qkv, inv_scale, 2, dtype)
-                qk_rows = 2 * self.dim
-                projections = ((weight[:qk_rows], bias[:qk_rows]), (weight[qk_rows:], bias[qk_rows:]))
+                projections = _fold_kernel_into(self.qkv, inv_scale, 2, dtype)
             else:
-                projections = (_fold_kernel_into(self.q, inv_scale, 1, dtype),
-                               _fold_kernel_into(self.kv, inv_scale, 1, dtype))
+                (k_weight, k_bias), (v_weight, v_bias) = _fold_kernel_into(self.kv, inv_scale, 1, dtype)
+                # one matmul for k and v: k's rows carry the shift as a bias even where the layer has none
+                v_bias = k_bias.new_zeros(v_weight.shape[0]) if v_bias is None else v_bias
+                kv = (torch.cat([k_weight, v_weight]), torch.cat([k_bias, v_bias]))
+                projections = (_fold_kernel_into(self.q, inv_scale, 1, dtype)[0], kv)
             weight, bias, padding = self.local_mixing_kernel()
             kernel = (weight.to(dtype), bias.to(dtype) if bias is not None else None, padding)
             return inv_scale, inv_scale * _KERNEL_SHIFT, projections, kernel

@@ -400,9 +400,10 @@ def test_block_diagonal_heads_compile_in_one_graph(monkeypatch):
 
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
-def test_queries_and_keys_of_one_projection_are_focused_in_the_same_passes(dtype):
+def test_queries_and_keys_of_one_projection_are_focused_in_the_same_passes(monkeypatch, dtype):
     """q and k as the two halves of one projection's output (the models' fused q/k matmul): one max(), one
-    power; the result equals that of q and k apart, also when they are overwritten as scratch space."""
+    power; the result equals that of q and k apart, also when they are overwritten as scratch space. On a GPU
+    queries and keys of one size in separate buffers are stacked for the same passes."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class MaxCounter(TorchDispatchMode):
@@ -434,6 +435,12 @@ def test_queries_and_keys_of_one_projection_are_focused_in_the_same_passes(dtype
     assert MaxCounter.calls == 1
     torch.testing.assert_close(together, focused_linear_attention(q.clone(), k.clone(), v, floor, 3, 2, residual),
                                rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-5)
+    force_stacked_maps(monkeypatch, True)
+    MaxCounter.calls = 0
+    with torch.no_grad(), MaxCounter():
+        stacked = focused_linear_attention(q.clone(), k.clone(), v, floor, 3, 2, residual, key_offset)
+    assert MaxCounter.calls == 1
+    torch.testing.assert_close(stacked, apart, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-5)
 
 
 @pytest.mark.parametrize('same_size', [True, False])

@@ -356,7 +356,9 @@ def focused_linear_attention(
         # numerator and normaliser but for the normaliser's 1e-6, which becomes n * 1e-6
         eps = n * 1e-6
         qk = None if exporting or torch.compiler.is_compiling() else _adjacent_halves(q, k)
-        if qk is not None:  # the halves of one projection: both maps in the same passes
+        if qk is None and q.shape == k.shape and q.dtype == k.dtype and _stacking_pays(q) and not exporting:
+            qk = torch.stack([q, k], dim=2)  # on a GPU one copy costs less than the launches it saves
+        if qk is not None:  # the halves of one projection, or stacked: both maps in the same passes
             q_phi, k_phi = _focused(qk, floor, p, dtype, in_place, overwrite_inputs)[0].unbind(2)
         else:
             q_phi = _focused(q, floor, p, dtype, in_place, overwrite_inputs)[0]
@@ -556,8 +558,10 @@ class FocusedLinearAttention(nn.Module):
         conv, its one kernel repeated for every head. Families that add more depthwise convs of the same V
         (CSWin's LePE) add their kernels to it, so all of them run as one conv. The padding is a Python int
         (an exported conv needs constant sizes)."""
-        weight = self.dwc.weight.repeat(self.num_heads, 1, 1, 1)
-        bias = self.dwc.bias.repeat(self.num_heads) if self.dwc.bias is not None else None
+        weight, bias = self.dwc.weight, self.dwc.bias
+        if self.num_heads > 1:  # (a repeat copies even once: with one head, the conv's own parameters)
+            weight = weight.repeat(self.num_heads, 1, 1, 1)
+            bias = bias.repeat(self.num_heads) if bias is not None else None
         return weight, bias, self.dwc.padding[0]
 
     def local_mixing(self, v: torch.Tensor, feat_size: Tuple[int, int], kernel: Optional[tuple] = None

@@ -3,12 +3,15 @@
 Each model runs inference on one batch (bf16 autocast by default) under torch.profiler. Every module of a
 known kind is a range (the outermost of its kind: a norm inside an attention counts as attention), so each
 kernel's device time is charged to the part that launched it; `other` is what runs outside them (residual
-adds, reshapes between parts, the head). On a CPU the times are the ops' CPU times.
+adds, reshapes between parts, the head). On a CPU the times are the ops' CPU times. Beside them, a step's wall
+time without the profiler and the host's time to issue it: on a GPU, whether the host or the GPU sets the pace.
 
     python scripts/profile_models.py flatten_pvt_v2_b0 pvt_v2_b0 --img-size 224 -b 128 --dtype bf16 --device cuda
 """
 import argparse
 import json
+import statistics
+import time
 from typing import Dict, List
 
 import timm
@@ -70,8 +73,7 @@ def profile_model(name: str, img_size: int, batch_size: int, dtype: str, device:
 
     for _ in range(3):  # warm-up: attn_impl='auto' times its candidates, Triton compiles
         step()
-    if device == 'cuda':
-        torch.cuda.synchronize()
+    wall_ms, host_ms = wall_and_host_ms(step, device)
     handles = annotate(model)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == 'cuda' else [])
     with profile(activities=activities) as prof:
@@ -101,18 +103,39 @@ def profile_model(name: str, img_size: int, batch_size: int, dtype: str, device:
     kernels = [{'name': row.key, 'ms': round(_self_total(row, device) / 1e3 / steps, 3),
                 'calls': row.count // steps} for row in ops[:top]]
     return {'model': name, 'img_size': img_size, 'batch_size': batch_size, 'dtype': dtype, 'device': device,
-            'step_ms': round(step_ms, 3), 'parts_ms': parts, 'top_kernels': kernels}
+            'step_ms': round(step_ms, 3), 'wall_ms': round(wall_ms, 3), 'host_ms': round(host_ms, 3),
+            'parts_ms': parts, 'top_kernels': kernels}
+
+
+def wall_and_host_ms(step, device: str, repeats: int = 5):
+    """Median ms of a step, without the profiler: wall time to its end (synchronised), and the host's time to
+    issue it (until the call returns, before the synchronisation). On a GPU, a host time near the wall time
+    and above the kernels' device time means the host's per-launch work sets the pace, not the GPU."""
+    def sync():
+        if device == 'cuda':
+            torch.cuda.synchronize()
+    walls, hosts = [], []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        step()
+        issued = time.perf_counter()
+        sync()
+        walls.append(time.perf_counter() - start)
+        hosts.append(issued - start)
+    return statistics.median(walls) * 1e3, statistics.median(hosts) * 1e3
 
 
 def to_markdown(reports: List[Dict]) -> str:
     r0 = reports[0]
     measure = 'device time of the kernels' if r0['device'] == 'cuda' else 'CPU time of the ops'
     lines = [f"ms per step ({r0['device']}, {r0['dtype']}, {r0['img_size']} px, batch {r0['batch_size']}; "
-             f"{measure} each part launched)", '',
-             '| model | step | ' + ' | '.join(part for part in reports[0]['parts_ms']) + ' |',
-             '|---' * (2 + len(r0['parts_ms'])) + '|']
+             f"{measure} each part launched; wall: a step's time without the profiler, host: the time to issue "
+             f"it)", '',
+             '| model | wall | host | step | ' + ' | '.join(part for part in reports[0]['parts_ms']) + ' |',
+             '|---' * (4 + len(r0['parts_ms'])) + '|']
     for r in reports:
-        lines.append(f"| {r['model']} | {r['step_ms']:.2f} | " + ' | '.join(
+        lines.append(f"| {r['model']} | {r['wall_ms']:.2f} | {r['host_ms']:.2f} | {r['step_ms']:.2f} | " + ' | '.join(
             f'{v:.2f}' for v in r['parts_ms'].values()) + ' |')
     for r in reports:
         lines += ['', f"{r['model']}: top kernels (ms per step, calls per step)", '']

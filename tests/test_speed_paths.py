@@ -235,6 +235,13 @@ def test_inference_on_the_gpu_code_path_launches_no_per_call_parameter_ops(count
     assert sum(counter.calls.values()) <= 245
 
 
+def test_cswin_launches_few_ops_per_forward(count_ops):
+    """FLatten-CSWin-T at 224 on the GPU code path: 469 ops (590 before q and k were focused in the same passes
+    and its stripe branches ran as one attention); swin_tiny launches 311."""
+    counter = count_ops.count('flatten_cswin_tiny_224', img_size=224, batch_size=1)
+    assert sum(counter.calls.values()) <= 480, sum(counter.calls.values())
+
+
 def test_training_keeps_about_what_its_softmax_peer_keeps(count_ops):
     """The bytes a bf16 training forward keeps for backward per image (scripts/count_ops.py --training): at 64 px
     FLatten-PVTv2-b0 keeps 1.05x what pvt_v2_b0 keeps (it has full-size keys and values where the peer reduces

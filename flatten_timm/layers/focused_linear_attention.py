@@ -136,8 +136,9 @@ def _block_diagonal_pays(q: torch.Tensor, num_heads: int) -> bool:
 
 
 def _stacking_pays(q: torch.Tensor) -> bool:
-    """Queries and keys of one size stacked for the backward's passes over them: on a GPU, where each pass is a
-    launch; on a CPU the two copies into the stack cost more than the launches they save (1.4x slower)."""
+    """Queries and keys of one size in separate buffers stacked, so that the focusing passes (of a training
+    forward, and of the backward) run once over both: on a GPU, where each pass is a launch; on a CPU the copies
+    into the stack cost more than the launches they save (a backward 1.4x slower)."""
     return q.device.type == 'cuda'
 
 
@@ -159,8 +160,9 @@ def _head_state(k_phi: torch.Tensor, v: torch.Tensor, num_heads: int) -> torch.T
 
 
 def _attention_backward_per_head(u, k_phi, v, eps, grad, num_heads: int):
-    """Gradients of the queries u, keys phi(k) / n, values and (if it is a tensor) eps, from that of the output,
-    one head at a time on column slices, as the forward: the matmuls read them in place."""
+    """Gradients of the queries u, keys k_phi (as the forward scaled them), values and (if it is a tensor) eps,
+    from that of the output, one head at a time on column slices, as the forward: the matmuls read them in
+    place."""
     B, N, C = u.shape
     d = C // num_heads
     du, dk_phi, dv, de = [], [], [], 0

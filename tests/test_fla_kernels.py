@@ -380,8 +380,10 @@ def test_tokens_with_every_channel_at_the_floor_have_finite_gradients(impl):
 
 def test_block_diagonal_heads_compile_in_one_graph(monkeypatch):
     """What a GPU compiles in half precision: the block-diagonal heads (their writes into views of the state and
-    the backward's output) trace into one graph, forward and backward, and equal eager."""
+    the backward's output) and the stacked queries and keys trace into one graph, forward and backward, and
+    equal eager."""
     force_block_diagonal_heads(monkeypatch, True)
+    force_stacked_maps(monkeypatch, True)
     torch.manual_seed(0)
     layer = FocusedLinearAttention(48, num_heads=3, grid_size=(6, 6))
     with torch.no_grad():

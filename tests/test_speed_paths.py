@@ -236,10 +236,11 @@ def test_inference_on_the_gpu_code_path_launches_no_per_call_parameter_ops(count
 
 
 def test_cswin_launches_few_ops_per_forward(count_ops):
-    """FLatten-CSWin-T at 224 on the GPU code path: 469 ops (590 before q and k were focused in the same passes
-    and its stripe branches ran as one attention); swin_tiny launches 311."""
+    """FLatten-CSWin-T at 224 on the GPU code path: 433 ops (590 before q and k were focused in the same passes
+    and its stripe branches ran as one attention, 469 while the stacked LePE kernels were cast on every call);
+    swin_tiny launches 311."""
     counter = count_ops.count('flatten_cswin_tiny_224', img_size=224, batch_size=1)
-    assert sum(counter.calls.values()) <= 480, sum(counter.calls.values())
+    assert sum(counter.calls.values()) <= 445, sum(counter.calls.values())
 
 
 def test_training_keeps_about_what_its_softmax_peer_keeps(count_ops):

@@ -169,7 +169,7 @@ def _attention_backward_per_head(u, k_phi, v, eps, grad, num_heads: int):
     for i in range(num_heads):
         cols = slice(i * d, (i + 1) * d)
         u_i, k_i, v_i, grad_i = u[..., cols], k_phi[..., cols], v[..., cols], grad[..., cols]
-        # the forward's [k^T v / n | mean k] and [numerator | normaliser] again
+        # the forward's [k_phi^T v | sum k_phi] and [numerator | normaliser] again
         kv = torch.cat([torch.bmm(k_i.transpose(1, 2), v_i), k_i.sum(1).unsqueeze(-1)], dim=-1)
         out = torch.bmm(u_i, kv).float()
         normaliser = out[..., d:] + eps

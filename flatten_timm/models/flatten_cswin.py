@@ -90,7 +90,7 @@ class CrossStripeAttention(nn.Module):
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
-        self._stacked_lepe = ParameterCache(max_entries=1)
+        self._stacked_lepe = ParameterCache(max_entries=2)  # by dtype: float32, and an autocast dtype
 
     def _apply(self, fn, *args, **kwargs):
         self._stacked_lepe.clear()  # a move frees storages whose addresses the next ones may reuse
@@ -182,12 +182,12 @@ class CrossStripeAttention(nn.Module):
         q, k, v = windows.unbind(2)
         x = softmax_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                               dropout_p=self.attn_drop.p if self.training else 0., fused=self.fused_attn)
+        # both LePE kernels in v's dtype, kept for inference (in half precision, no casts per call)
         weight, bias = self._stacked_lepe.get(
-            'lepe', self.lepe.parameters(),
-            lambda: (torch.cat([self.lepe[0].weight, self.lepe[1].weight.transpose(-1, -2)]),
-                     torch.cat([self.lepe[0].bias, self.lepe[1].bias])))
-        local = F.conv2d(v.reshape(B * n, H, s, 2 * c).permute(0, 3, 1, 2), weight.to(v.dtype), bias.to(v.dtype),
-                         padding=1, groups=2 * c)
+            v.dtype, self.lepe.parameters(),
+            lambda: (torch.cat([self.lepe[0].weight, self.lepe[1].weight.transpose(-1, -2)]).to(v.dtype),
+                     torch.cat([self.lepe[0].bias, self.lepe[1].bias]).to(v.dtype)))
+        local = F.conv2d(v.reshape(B * n, H, s, 2 * c).permute(0, 3, 1, 2), weight, bias, padding=1, groups=2 * c)
         # channels_last conv output: (B', L, 2h, d) as a view, and the sum lands in that order
         out = (local.permute(0, 2, 3, 1).reshape(B * n, H * s, 2 * num_heads, d) + x.transpose(1, 2))
         out = out.reshape(B, n, H, s, 2, c)

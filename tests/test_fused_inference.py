@@ -106,29 +106,37 @@ def test_modules_keep_timm_state_dicts_and_outputs(calls):
     assert calls['linear'] == 2 + 1 + 2 * 2 and calls['conv2d'] == 2
 
 
-def test_mlps_run_large_batches_in_chunks_of_whole_images(monkeypatch, calls):
-    """A batch whose hidden activation exceeds the chunk budget runs in chunks of images, with the same output,
-    eager and compiled."""
+def test_mlps_run_large_inputs_in_chunks(monkeypatch, calls):
+    """Inputs whose hidden activation exceeds the chunk budget run in chunks, with the same output, eager and
+    compiled: PVTv2's in chunks of whole images, the plain MLP too, or in chunks of tokens that cut across images
+    where one image is over the split budget."""
     torch.manual_seed(0)
     x = torch.randn(5, 6 * 5, 16)
-    for theirs, ours in ((TimmMlp(16, 64), Mlp(16, 64)),
-                         (TimmMlpWithDepthwiseConv(16, 64), MlpWithDepthwiseConv(16, 64))):
+    # 5 images of 30 tokens x 64 hidden features: two images fit the budget, three do not (chunks of 2, 2 and 1
+    # images); with images over the split size, the plain MLP's 150 tokens run in chunks of 64, 64 and 22, and
+    # PVTv2's (whose conv needs whole maps) in chunks of one image
+    image = 30 * 64 * 4
+    whole_images, tokens = (3 * image - 1, image), (64 * 64 * 4, image - 1)
+    for theirs, ours, (budget, split_above), chunks in (
+            (TimmMlp(16, 64), Mlp(16, 64), whole_images, 3), (TimmMlp(16, 64), Mlp(16, 64), tokens, 3),
+            (TimmMlpWithDepthwiseConv(16, 64), MlpWithDepthwiseConv(16, 64), whole_images, 3),
+            (TimmMlpWithDepthwiseConv(16, 64), MlpWithDepthwiseConv(16, 64), (image - 1, image - 1), 5)):
         ours.load_state_dict(theirs.state_dict())
         args = (x, (6, 5)) if isinstance(ours, MlpWithDepthwiseConv) else (x,)
-        # two images' hidden activations (30 tokens x 64 features) fit, three do not: chunks of 2, 2 and 1
-        monkeypatch.setattr(fused_inference, '_MLP_CHUNK_BYTES', 3 * 30 * 64 * 4 - 1)
+        monkeypatch.setattr(fused_inference, '_MLP_CHUNK_BYTES', budget)
+        monkeypatch.setattr(fused_inference, '_MLP_SPLIT_IMAGE_BYTES', split_above)
         before = calls['linear']
         with torch.no_grad():
             torch.testing.assert_close(ours(*args), theirs(*args), rtol=1e-5, atol=1e-5)
-        assert calls['linear'] - before == 3 * 2
+        assert calls['linear'] - before == 2 * chunks
         # and compiled: the MLP is one op of the graph, which runs the chunks inside
         torch._dynamo.reset()
         before = calls['linear']
         with torch.no_grad():
             compiled = torch.compile(ours, fullgraph=True, backend='aot_eager')(*args)
         torch.testing.assert_close(compiled, theirs(*args), rtol=1e-5, atol=1e-5)
-        assert calls['linear'] - before == 3 * 2
-    assert calls['conv2d'] == 3 * 2
+        assert calls['linear'] - before == 2 * chunks
+    assert calls['conv2d'] == 2 * (3 + 5)
     torch._dynamo.reset()
 
 
@@ -179,7 +187,7 @@ def test_compiled_inference_runs_the_primitives_as_custom_ops(name, calls):
         seen = set()
         compiled = _compile_recording_ops(model, seen)(x)
         assert 'flatten_timm.onednn_linear.default' in seen
-        # each MLP is one op, which runs the batch in chunks of images inside
+        # each MLP is one op, which runs its chunks inside
         assert {'flatten_timm.onednn_mlp.default', 'flatten_timm.onednn_mlp_dwconv.default'} & seen, seen
         assert not any(op.startswith('mkldnn.') for op in seen), seen
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)

@@ -179,28 +179,42 @@ class Linear(nn.Linear):
 # mapped anew and page-faulted in on every call (1.4 us a 4 KiB page on a 2-core x86). There, FLatten-PVTv2-b0
 # at 224 px, batch 8, ran 1.24x faster (about 1.1x with malloc tuned to fault nothing) and FLatten-PVT-T 1.11x.
 _MLP_CHUNK_BYTES = 8 * 2 ** 20
+# The plain MLP also splits an image whose hidden activation is larger than this into chunks of tokens (of at
+# most _MLP_CHUNK_BYTES): glibc maps every block above 32 MiB anew. FLatten-CSWin-T's first-stage MLPs at
+# 800x1344 (69 MB each) ran 1.4x faster in the model; a smaller image split (17 MB, its third stage) 3 % slower.
+_MLP_SPLIT_IMAGE_BYTES = 32 * 2 ** 20
 
 
-def _image_chunks(x: torch.Tensor, hidden_features: int) -> List[torch.Tensor]:
-    """x split along its batch dim into chunks of whole images with hidden activations of at most
-    _MLP_CHUNK_BYTES (one image at least)."""
-    per_image = x[0].numel() // x.shape[-1] * hidden_features * x.element_size()
-    step = max(1, _MLP_CHUNK_BYTES // max(1, per_image))
-    return [x] if x.shape[0] <= step else list(x.split(step))
+def _chunk_length(bytes_per_item: int) -> int:
+    return max(1, _MLP_CHUNK_BYTES // max(1, bytes_per_item))
 
 
 def _over_image_chunks(fn, x: torch.Tensor, hidden_features: int) -> torch.Tensor:
-    outs = [fn(chunk) for chunk in _image_chunks(x, hidden_features)]
-    return outs[0] if len(outs) == 1 else torch.cat(outs)
+    """fn over x split along its batch dim into chunks of whole images with hidden activations of at most
+    _MLP_CHUNK_BYTES (one image at least)."""
+    step = _chunk_length(x[0].numel() // x.shape[-1] * hidden_features * x.element_size())
+    if x.shape[0] <= step:
+        return fn(x)
+    return torch.cat([fn(chunk) for chunk in x.split(step)])
+
+
+def _over_token_chunks(fn, x: torch.Tensor, hidden_features: int) -> torch.Tensor:
+    """fn (which treats every token alone) over x in chunks of whole images, or, where one image's hidden
+    activation exceeds _MLP_SPLIT_IMAGE_BYTES, in chunks of tokens of at most _MLP_CHUNK_BYTES."""
+    row_bytes = hidden_features * x.element_size()
+    if x[0].numel() // x.shape[-1] * row_bytes <= _MLP_SPLIT_IMAGE_BYTES:
+        return _over_image_chunks(fn, x, hidden_features)
+    tokens = x.reshape(-1, x.shape[-1])
+    return torch.cat([fn(chunk) for chunk in tokens.split(_chunk_length(row_bytes))]).view(*x.shape[:-1], -1)
 
 
 def _mlp_primitive(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tensor],
                    fc2_weight: torch.Tensor, fc2_bias: Optional[torch.Tensor], gelu: str) -> torch.Tensor:
-    """fc2(GELU(fc1(x))) with fc1 + GELU as one primitive, over the batch in cache-sized chunks of images."""
+    """fc2(GELU(fc1(x))) with fc1 + GELU as one primitive, in cache-sized chunks (`_over_token_chunks`)."""
     def mlp(chunk):
         hidden = _linear_primitive(chunk, fc1_weight, fc1_bias, 'gelu', gelu)
         return _linear_primitive(hidden, fc2_weight, fc2_bias, 'none', '')
-    return _over_image_chunks(mlp, x, fc1_weight.shape[0])
+    return _over_token_chunks(mlp, x, fc1_weight.shape[0])
 
 
 def _mlp_dwconv_primitive(x: torch.Tensor, height: int, width: int, fc1_weight: torch.Tensor,
@@ -217,8 +231,8 @@ def _mlp_dwconv_primitive(x: torch.Tensor, height: int, width: int, fc1_weight: 
     return _over_image_chunks(mlp, x, fc1_weight.shape[0])
 
 
-# Under torch.compile each fused MLP is one opaque op too: its chunks of images run inside it (a graph cannot
-# loop over a batch whose size may be a symbol), and inductor could fuse nothing across its primitives anyway.
+# Under torch.compile each fused MLP is one opaque op too: its chunks run inside it (a graph cannot loop over
+# a number of tokens that may be a symbol), and inductor could fuse nothing across its primitives anyway.
 # Measured with torch.compile on this 2-core CPU, FLatten-PVTv2-b0 at 224 px, batch 8: 1.35-1.6x.
 _compiled_mlp = torch.library.custom_op('flatten_timm::onednn_mlp', mutates_args=())(_mlp_primitive)
 _compiled_mlp_dwconv = torch.library.custom_op(
@@ -238,7 +252,7 @@ def _(x, height, width, fc1_weight, fc1_bias, relu, conv_weight, conv_bias, padd
 @register_notrace_module
 class Mlp(_TimmMlp):
     """ timm's Mlp (same parameters and state dict); in CPU inference fc1 + GELU is one oneDNN primitive, run
-    over the batch in cache-sized chunks of images."""
+    in cache-sized chunks of images, or of tokens for the largest images."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gelu = _gelu_algorithm(self.act)

@@ -278,3 +278,33 @@ def test_cswin_square_stripes_equal_the_two_branches(monkeypatch):
         monkeypatch.undo()
         torch.testing.assert_close(attn.eval()(x, (12, 12)), results[False][0], rtol=1e-5, atol=1e-5)
         assert len(attn._stacked_lepe) == 1
+
+
+def test_compiled_swin_reads_its_shift_mask_at_the_training_grid():
+    """At the training grid a compiled FLatten-Swin reads the shift mask from a (non-persistent) buffer: built
+    from aranges inside the graph, inductor recomputed it in every pass of the softmax's kernel (3x slower)."""
+    from flatten_timm.models.flatten_swin import shifted_window_mask
+    torch._dynamo.reset()
+    name = 'flatten_swin_tiny_patch4_224'
+    model = timm.create_model(name, **TINY[name]).eval()
+    masked = [b for b in model.modules() if getattr(b, 'attn_mask', None) is not None]
+    assert masked and not any('attn_mask' in key for key in model.state_dict())
+    for block in masked:
+        torch.testing.assert_close(block.attn_mask, shifted_window_mask(*block.mask_layout))
+    ops = []
+
+    def recording(gm, example_inputs):
+        ops.extend(str(node.target) for node in gm.graph.nodes if node.op == 'call_function')
+        return gm
+
+    x = torch.randn(2, 3, 64, 64)  # the tiny config's training size
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, fullgraph=True, backend=recording)(x), model(x))
+        assert ops and not [op for op in ops if 'arange' in op]
+        # another size builds its mask in the graph, and gives the same outputs as eager
+        ops.clear()
+        torch._dynamo.reset()
+        x = torch.randn(2, 3, 64, 96)
+        torch.testing.assert_close(torch.compile(model, fullgraph=True, backend=recording)(x), model(x))
+        assert [op for op in ops if 'arange' in op]
+    torch._dynamo.reset()

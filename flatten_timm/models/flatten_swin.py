@@ -190,6 +190,13 @@ class FlattenSwinBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop, **dd)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self._mask_cache = LruCache()  # masks per map size: the recent sizes' only
+        # the shift mask of the training grid kept as a buffer (as timm's Swin does): a compiled graph reads it,
+        # where building it from aranges inside the softmax's kernel made that kernel 3x slower on a CPU
+        self.mask_layout = self.window_and_shift(grid_size)
+        mask = None
+        if not self.linear and any(self.mask_layout[2]):
+            mask = shifted_window_mask(*self.mask_layout, device=device)
+        self.register_buffer('attn_mask', mask, persistent=False)
 
     def window_and_shift(self, feat_size: Size) -> Tuple[Size, Size, Size]:
         """Window count, window and shift for a map: windows of min(map, target window), none shifted where
@@ -200,6 +207,8 @@ class FlattenSwinBlock(nn.Module):
         return counts, window, shift
 
     def _shift_mask(self, counts: Size, window: Size, shift: Size, device) -> torch.Tensor:
+        if self.attn_mask is not None and not is_exporting() and (counts, window, shift) == self.mask_layout:
+            return self.attn_mask
         if is_symbolic():  # sizes may be symbols, and a cache filled in a compiled graph would recompile
             return shifted_window_mask(counts, window, shift, device=device)
         return self._mask_cache.lookup(

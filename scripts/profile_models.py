@@ -59,6 +59,11 @@ def _self_total(row, device: str) -> float:
     return row.self_cpu_time_total
 
 
+def _synchronize(device: str):
+    if device == 'cuda':
+        torch.cuda.synchronize()
+
+
 def profile_model(name: str, img_size: int, batch_size: int, dtype: str, device: str, steps: int = 3,
                   top: int = 12) -> Dict:
     """ms per step of each part and of the `top` kernels (CPU ops on a CPU), averaged over `steps`."""
@@ -80,8 +85,7 @@ def profile_model(name: str, img_size: int, batch_size: int, dtype: str, device:
         for _ in range(steps):
             with record_function(STEP):
                 step()
-        if device == 'cuda':
-            torch.cuda.synchronize()
+        _synchronize(device)
     for handle in handles:
         handle.remove()
     # the ranges' own CPU events (on CUDA the profiler adds spans of the same name on the GPU's timeline)
@@ -111,16 +115,13 @@ def wall_and_host_ms(step, device: str, repeats: int = 5):
     """Median ms of a step, without the profiler: wall time to its end (synchronised), and the host's time to
     issue it (until the call returns, before the synchronisation). On a GPU, a host time near the wall time
     and above the kernels' device time means the host's per-launch work sets the pace, not the GPU."""
-    def sync():
-        if device == 'cuda':
-            torch.cuda.synchronize()
     walls, hosts = [], []
     for _ in range(repeats):
-        sync()
+        _synchronize(device)
         start = time.perf_counter()
         step()
         issued = time.perf_counter()
-        sync()
+        _synchronize(device)
         walls.append(time.perf_counter() - start)
         hosts.append(issued - start)
     return statistics.median(walls) * 1e3, statistics.median(hosts) * 1e3

@@ -13,7 +13,8 @@ import torch  # noqa: E402
 import flatten_timm  # noqa: F401,E402  registers the models
 
 REPO = Path(__file__).resolve().parents[1]
-PARITY_DIR = Path(os.environ.get('FLATTEN_PARITY_DIR', REPO.parent / 'shared' / 'parity'))
+# golden outputs of the official code, kept in the repository (FLATTEN_PARITY_DIR points at another copy)
+PARITY_DIR = Path(os.environ.get('FLATTEN_PARITY_DIR', REPO / 'tests' / 'fixtures' / 'parity'))
 PARITY_CASES = sorted(p.stem for p in PARITY_DIR.glob('*.json')) if PARITY_DIR.is_dir() else []
 
 # the registered model each official family is built from, and official kwargs that are not ours

@@ -12,7 +12,7 @@ from conftest import PARITY_CASES, model_kwargs_for, official_state_dict, parity
 from flatten_timm.checkpoint import CheckpointError, load_checkpoint_file
 from flatten_timm.models import flatten_pvt
 
-pytestmark = pytest.mark.skipif(not PARITY_CASES, reason='parity fixtures (../shared/parity) are absent')
+pytestmark = pytest.mark.skipif(not PARITY_CASES, reason='parity fixtures (tests/fixtures/parity) are absent')
 
 
 def _pvt_case():

@@ -6,7 +6,7 @@ import torch
 from conftest import PARITY_CASES, model_kwargs_for, official_state_dict, parity_case
 from flatten_timm.models import flatten_cswin, flatten_pvt, flatten_swin
 
-pytestmark = pytest.mark.skipif(not PARITY_CASES, reason='parity fixtures (../shared/parity) are absent')
+pytestmark = pytest.mark.skipif(not PARITY_CASES, reason='parity fixtures (tests/fixtures/parity) are absent')
 
 
 @pytest.mark.parametrize('case,module,name,img_size', [

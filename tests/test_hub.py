@@ -50,7 +50,7 @@ def _outputs_of_hub_model(tmp_path, env, name, x, **kwargs):
     return torch.load(out)
 
 
-@pytest.mark.skipif(not PARITY_CASES, reason='parity fixtures (../shared/parity) are absent')
+@pytest.mark.skipif(not PARITY_CASES, reason='parity fixtures (tests/fixtures/parity) are absent')
 def test_converted_folder_round_trips_through_a_local_hub(tmp_path):
     checkpoint, kwargs, tensors = _official_checkpoint(tmp_path)
     folder = convert_checkpoint('flatten_pvt_tiny', checkpoint, tmp_path / 'hub' / 'folder',

@@ -121,7 +121,11 @@ def _pick_state_dict(checkpoint: Any, path: str, key: Optional[str]) -> Dict[str
     state_dict = {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
     if not state_dict:
         raise CheckpointError(f'{path} contains no tensors: it is not a model checkpoint')
-    # checkpoints saved from DataParallel / DDP wrappers
+    return state_dict
+
+
+def _strip_wrapper_prefix(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Keys of weights saved from a DataParallel / DDP wrapper, which puts 'module.' before each."""
     return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
 
 
@@ -132,6 +136,8 @@ def load_checkpoint_file(path: str, key: Optional[str] = None) -> Dict[str, torc
         path: the file.
         key: which entry of a training checkpoint to take ('model', 'model_ema', 'state_dict');
             by default 'model', else 'state_dict', else the EMA weights if they are all there is.
+
+    Keys saved from a DataParallel / DDP wrapper lose their 'module.' prefix.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -139,10 +145,10 @@ def load_checkpoint_file(path: str, key: Optional[str] = None) -> Dict[str, torc
     if path.endswith('.safetensors'):
         from safetensors.torch import load_file
         try:
-            return load_file(path)
+            return _strip_wrapper_prefix(load_file(path))
         except Exception as e:  # safetensors raises its own error types for bad headers
             raise CheckpointError(f'{path} is not a valid safetensors file ({e}); it may be truncated or corrupt') from e
-    return _pick_state_dict(safe_torch_load(path), path, key)
+    return _strip_wrapper_prefix(_pick_state_dict(safe_torch_load(path), path, key))
 
 
 def _summarise(keys, limit: int = 5) -> str:

@@ -53,14 +53,14 @@ def relative_error(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-# (batch, queries, keys, channels, heads): odd sizes, head dims 8 / 16 / 24 / 32, reduced keys, one head
+# (batch, queries, keys, channels, heads): odd sizes, head dims 4 / 8 / 16 / 24, reduced keys, one head
 # (whose kernels compute the token norms in their own tiles) with a head dim below its block
 SHAPES = [(2, 37, 37, 32, 2), (1, 50, 13, 48, 2), (2, 29, 29, 72, 3), (1, 66, 66, 32, 4), (2, 17, 5, 16, 1),
-          (1, 70, 70, 24, 1)]
+          (1, 70, 70, 24, 1), (2, 30, 30, 16, 4), (1, 45, 12, 32, 8)]
 
 
 @pytest.mark.parametrize('impl', ['torch', pytest.param('triton', marks=needs_triton)])
-@pytest.mark.parametrize('dtype,tol', [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize('dtype,tol', [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
 @pytest.mark.parametrize('shape', SHAPES)
 def test_outputs_and_gradients_match_the_spec(impl, dtype, tol, shape):
     """Both implementations, with a key offset (the key positional encoding, added to k inside them)."""
@@ -85,12 +85,6 @@ def test_outputs_and_gradients_match_the_spec(impl, dtype, tol, shape):
         assert torch.isfinite(g).all(), name
         # the floor's gradient (~1e-7) sums near-cancelling terms over every token: float32 keeps ~3 digits
         assert relative_error(g, r) < (max(tol * 5, 3e-3) if name == 'floor' else tol * 5), name
-
-
-@pytest.mark.parametrize('shape', SHAPES[:3])
-def test_fp16_outputs_and_gradients_of_the_torch_path_match_the_spec(shape):
-    """fp16 takes its own scaling for range (unit-norm queries, phi(k) / n) in forward and backward."""
-    test_outputs_and_gradients_match_the_spec('torch', torch.float16, 2e-2, shape)
 
 
 def force_block_diagonal_heads(monkeypatch, block_diagonal: bool):

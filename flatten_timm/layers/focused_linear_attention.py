@@ -63,23 +63,18 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_head
 
 
 def _focused(x: torch.Tensor, floor: torch.Tensor, p: float, dtype: torch.dtype, in_place: bool,
-             overwrite: bool = False, unit: bool = False, divisor: float = 1.) -> Tuple[torch.Tensor, torch.Tensor]:
-    """phi_p(t) / divisor of the kernel t = max(x, floor) over the last dim (or t**p at unit norm, if `unit`),
-    rounded to dtype, and ||t||. t is in floor's dtype (float32 or wider: max() promotes a lower-precision x in
-    its own pass). in_place: the power and the scaling overwrite t; overwrite: t overwrites x, when x has floor's
-    dtype."""
+             overwrite: bool = False) -> torch.Tensor:
+    """phi_p(t) of the kernel t = max(x, floor) over the last dim, rounded to dtype. t is in floor's dtype
+    (float32 or wider: max() promotes a lower-precision x in its own pass). in_place: the power and the scaling
+    overwrite t; overwrite: t overwrites x, when x has floor's dtype."""
     t = torch.maximum(x, floor, out=x) if overwrite and x.dtype == floor.dtype else torch.maximum(x, floor)
     norm = torch.linalg.vector_norm(t, dim=-1, keepdim=True)
     t = t.pow_(p) if in_place else t ** p
     pow_norm = torch.linalg.vector_norm(t, dim=-1, keepdim=True)
-    if unit:
-        scale = pow_norm.reciprocal_() if in_place else 1 / pow_norm
-    elif in_place:
-        scale = torch.div(norm, pow_norm.mul_(divisor) if divisor != 1 else pow_norm)
-    else:
-        scale = norm / (pow_norm * divisor)
-    # the scaling also rounds to dtype: one pass
-    return (_rounded(torch.mul, t, scale, dtype) if in_place else (t * scale).to(dtype)), norm
+    if not in_place:
+        return (t * (norm / pow_norm)).to(dtype)
+    # the scaling also rounds to dtype: one pass, written over t when it already has that dtype
+    return torch.mul(t, torch.div(norm, pow_norm), out=t if t.dtype == dtype else torch.empty_like(t, dtype=dtype))
 
 
 def _adjacent_halves(q: torch.Tensor, k: torch.Tensor) -> Optional[torch.Tensor]:
@@ -231,8 +226,12 @@ class _FocusedLinearAttentionFn(torch.autograd.Function):
         floor = floor_param.to(torch.promote_types(q.dtype, torch.float32))
         keys = k if key_offset is None else k + key_offset
         floor_grad = ctx.needs_input_grad[3]
-        backward = _maps_backward_fp16 if v.dtype == torch.float16 else _maps_backward
-        dq, dk, dv, dfloor = backward(q, keys, v, floor, grad, ctx.p, ctx.num_heads, floor_grad)
+        if v.dtype == torch.float16:  # in float32, as the forward ran
+            with torch.autocast(q.device.type, enabled=False):
+                dq, dk, dv, dfloor = _maps_backward(q, keys, v.float(), floor, grad.float(), ctx.p, ctx.num_heads,
+                                                    floor_grad)
+        else:
+            dq, dk, dv, dfloor = _maps_backward(q, keys, v, floor, grad, ctx.p, ctx.num_heads, floor_grad)
         dfloor = dfloor.to(floor_param.dtype) if floor_grad else None
         doffset = dk.sum_to_size(key_offset.shape) if ctx.needs_input_grad[7] else None
         return dq, dk, dv.to(v.dtype), dfloor, None, None, grad if ctx.has_residual else None, doffset
@@ -245,8 +244,7 @@ def _attention_backward(u, k_phi, v, eps, grad, num_heads: int):
 
 
 def _maps_backward(q, keys, v, floor, grad, p: float, num_heads: int, floor_grad: bool):
-    """Gradients of q, keys (k + key_offset), v and floor, as the forward computed it outside fp16: phi(q) and
-    phi(k) exactly, the normaliser's 1e-6 as n * 1e-6. On a GPU, queries and keys of one size are stacked, so
+    """Gradients of q, keys (k + key_offset), v and floor, as the forward computed them: phi(q) and phi(k) exactly, the normaliser's 1e-6 as n * 1e-6. On a GPU, queries and keys of one size are stacked, so
     that every pass of the focusing maps and their backward runs once over both."""
     n = keys.shape[1]
     if q.shape == keys.shape and _stacking_pays(q):
@@ -262,29 +260,6 @@ def _maps_backward(q, keys, v, floor, grad, p: float, num_heads: int, floor_grad
     dq, dfloor_q = queries.through_max(queries.backward(du.float(), queries.norm), q.dtype, floor_grad)
     dk, dfloor_k = keys.through_max(keys.backward(dk_phi.float(), keys.norm), q.dtype, floor_grad)
     return dq, dk, dv, dfloor_q + dfloor_k if floor_grad else None
-
-
-def _maps_backward_fp16(q, keys, v, floor, grad, p: float, num_heads: int, floor_grad: bool):
-    """`_maps_backward` as the forward computed it in fp16, for its range: queries at unit norm, phi(k) / n, and the
-    normaliser's 1e-6 over the queries' per-token scale that cancelled."""
-    n = keys.shape[1]
-    queries, keys = _FocusingKernel(q, floor, p), _FocusingKernel(keys, floor, p)
-    eps = 1e-6 / queries.norm
-    u, k_phi = queries.unit.to(v.dtype), (keys.unit * (keys.norm / n)).to(v.dtype)  # as the forward's matmuls
-    du, dk_phi, dv, de = _attention_backward(u, k_phi, v, eps, grad, num_heads)
-    # through the focusing maps: u = t**p / ||t**p|| and eps = 1e-6 / ||t|| of q; phi(k) / n = u ||t|| / n of k
-    dt_q = queries.backward(du.float(), 1., -eps * de / queries.norm ** 2)
-    dk_phi = dk_phi.float()
-    dk_dot_u = (dk_phi * keys.unit).sum(-1, keepdim=True)
-    dt_k = keys.backward(dk_phi, keys.norm / n, dk_dot_u / (n * keys.norm))
-    dq, dfloor_q = queries.through_max(dt_q, q.dtype, floor_grad)
-    dk, dfloor_k = keys.through_max(dt_k, q.dtype, floor_grad)
-    return dq, dk, dv, dfloor_q + dfloor_k if floor_grad else None
-
-
-def _rounded(op, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """op(x, y) rounded to dtype in the same pass, written over x (scratch) when x already has that dtype."""
-    return op(x, y, out=x if x.dtype == dtype else torch.empty_like(x, dtype=dtype))
 
 
 _BATCHED_HEADS_MAX_TOKENS = 4096  # batch x tokens up to which all heads go through one matmul
@@ -334,6 +309,20 @@ def focused_linear_attention(
             t is not None and t.requires_grad for t in (q, k, v, floor, residual, key_offset)):
         # backward recomputes the focused maps from q and k instead of keeping them
         return _FocusedLinearAttentionFn.apply(q, k, v, floor, focusing_factor, num_heads, residual, key_offset)
+    if v.dtype == torch.float16:
+        # fp16's range holds neither the kv state's sums nor the quotients' gradients at small head dims: the
+        # attention runs in float32, autocast off (it would round the matmuls back to fp16), and only its output
+        # is rounded to fp16
+        with torch.autocast(q.device.type, enabled=False):
+            return _attention_without_autograd(q, k, v.float(), floor, focusing_factor, num_heads, residual,
+                                               key_offset, overwrite_inputs, exporting, out_dtype=torch.float16)
+    return _attention_without_autograd(q, k, v, floor, focusing_factor, num_heads, residual, key_offset,
+                                       overwrite_inputs, exporting, out_dtype=v.dtype)
+
+
+def _attention_without_autograd(q, k, v, floor, focusing_factor: float, num_heads: int, residual, key_offset,
+                                overwrite_inputs: bool, exporting: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    """`focused_linear_attention` with no graph to record, in v's dtype; the output rounded to out_dtype."""
     B, N, C = q.shape
     n = k.shape[1]
     d = C // num_heads
@@ -346,27 +335,19 @@ def focused_linear_attention(
         k = k.add_(key_offset) if overwrite_inputs else k + key_offset
 
     p, dtype = focusing_factor, v.dtype
-    if dtype == torch.float16:
-        # fp16 range: unit-norm queries (an all-negative query maps to ~1e-6), and phi(k) / n, which keeps
-        # k^T v / n in range; the queries' per-token scale cancels between numerator and normaliser but for the
-        # normaliser's 1e-6
-        q_phi, q_norm = _focused(q, floor, p, dtype, in_place, overwrite_inputs, unit=True)
-        k_phi = _focused(k, floor, p, dtype, in_place, overwrite_inputs, divisor=n)[0]
-        eps = 1e-6 / q_norm
+    # phi(q) and phi(k) exactly, and the 1 / n of the spec's k^T v / n and mean(phi(k)) cancels between
+    # numerator and normaliser but for the normaliser's 1e-6, which becomes n * 1e-6
+    eps = n * 1e-6
+    qk = None if exporting or torch.compiler.is_compiling() else _adjacent_halves(q, k)
+    if qk is None and q.shape == k.shape and q.dtype == k.dtype and _stacking_pays(q) and not exporting:
+        qk = torch.stack([q, k], dim=2)  # on a GPU one copy costs less than the launches it saves
+    if qk is not None:  # the halves of one projection, or stacked: both maps in the same passes
+        q_phi, k_phi = _focused(qk, floor, p, dtype, in_place, overwrite_inputs).unbind(2)
     else:
-        # phi(q) and phi(k) exactly, and the 1 / n of the spec's k^T v / n and mean(phi(k)) cancels between
-        # numerator and normaliser but for the normaliser's 1e-6, which becomes n * 1e-6
-        eps = n * 1e-6
-        qk = None if exporting or torch.compiler.is_compiling() else _adjacent_halves(q, k)
-        if qk is None and q.shape == k.shape and q.dtype == k.dtype and _stacking_pays(q) and not exporting:
-            qk = torch.stack([q, k], dim=2)  # on a GPU one copy costs less than the launches it saves
-        if qk is not None:  # the halves of one projection, or stacked: both maps in the same passes
-            q_phi, k_phi = _focused(qk, floor, p, dtype, in_place, overwrite_inputs)[0].unbind(2)
-        else:
-            q_phi = _focused(q, floor, p, dtype, in_place, overwrite_inputs)[0]
-            k_phi = _focused(k, floor, p, dtype, in_place, overwrite_inputs)[0]
-    if not exporting and _block_diagonal_pays(q_phi, num_heads):
-        return _attend_block_diagonal(q_phi, k_phi, v, eps, num_heads, residual, overwrite_inputs)
+        q_phi = _focused(q, floor, p, dtype, in_place, overwrite_inputs)
+        k_phi = _focused(k, floor, p, dtype, in_place, overwrite_inputs)
+    if not exporting and _block_diagonal_pays(q, num_heads):
+        return _attend_block_diagonal(q_phi, k_phi, v, eps, num_heads, residual, overwrite_inputs).to(out_dtype)
     if exporting or (num_heads > 1 and B * N <= _BATCHED_HEADS_MAX_TOKENS):
         # few tokens: one matmul over all heads beats a Python loop of small ops (the copies are small);
         # an exported graph takes this path at every size (B and N are symbols there)
@@ -374,12 +355,10 @@ def focused_linear_attention(
         kv = torch.matmul(k_heads.transpose(-2, -1), v.reshape(B, n, num_heads, d).transpose(1, 2))
         kv = torch.cat([kv, k_heads.sum(dim=-2).unsqueeze(-1)], dim=-1)
         out = torch.matmul(q_phi.reshape(B, N, num_heads, d).transpose(1, 2), kv)
-        if isinstance(eps, torch.Tensor) and eps.dim() == 3:  # per token (fp16): broadcast over the heads
-            eps = eps.unsqueeze(1)
         out = (out[..., :d] / (out[..., d:] + eps)).transpose(1, 2).reshape(B, N, C)
         if residual is not None:
             out = residual.add_(out) if overwrite_inputs else out + residual
-        return out.to(v.dtype)
+        return out.to(out_dtype)
     heads = []
     # one head at a time on strided column slices: matmuls read them in place, no per-head copies
     for i in range(num_heads):
@@ -396,9 +375,9 @@ def focused_linear_attention(
         else:
             heads.append(torch.addcdiv(residual[..., cols], numerator, normaliser))
     if overwrite_inputs and residual is not None:
-        return residual.to(v.dtype)  # every head was written into its columns
+        return residual.to(out_dtype)  # every head was written into its columns
     out = heads[0] if num_heads == 1 else torch.cat(heads, dim=-1)
-    return out.to(v.dtype)
+    return out.to(out_dtype)
 
 
 def _fused_kernels(*args) -> torch.Tensor:

@@ -1,4 +1,5 @@
 """ Ultralytics: the configs/yolo YAMLs build at every scale, train one epoch, reload in a fresh process."""
+import copy
 import os
 import shutil
 import subprocess
@@ -8,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 ultralytics = pytest.importorskip('ultralytics')
 from flatten_timm.detection import C2fFocusedAttention  # noqa: E402
@@ -47,6 +49,81 @@ def _layers(model, cls):
     return {i: m for i, m in enumerate(model.model.model) if isinstance(m, cls)}
 
 
+def _expected_attention(config: dict, scale: str) -> dict:
+    """Row index -> (channels, heads asked, heads) of every attention a YAML asks for, from the YAML alone.
+
+    A FocusedLinearAttention2d keeps the channels of the row it follows (SPPF or Conv here: c2 scaled), a
+    C2fFocusedAttention attends on half its scaled c2. Heads as register() documents them: the YAML's count
+    (default one per 64 channels, at least one), lowered to the nearest count that divides the channels.
+    """
+    depth, width, max_channels = config['scales'][scale]
+    rows = config['backbone'] + config['head']
+    expected = {}
+    for i, (source, repeats, module, args) in enumerate(rows):
+        if module == 'FocusedLinearAttention2d':
+            assert source == -1 and rows[i - 1][2] in ('SPPF', 'Conv')
+            channels, asked = _scaled(rows[i - 1][3][0], (depth, width, max_channels)), args[:1]
+        elif module == 'C2fFocusedAttention':
+            channels, asked = _scaled(args[0], (depth, width, max_channels)) // 2, args[1:2]
+        else:
+            continue
+        asked = asked[0] if asked else max(1, channels // 64)
+        expected[i] = (channels, asked, max(h for h in range(1, asked + 1) if channels % h == 0))
+    return expected
+
+
+def _attention_layers(layer) -> list:
+    return [layer] if isinstance(layer, FocusedLinearAttention2d) else [block.attn for block in layer.blocks]
+
+
+def _check_heads(model: torch.nn.Sequential, config: dict, scale: str):
+    built = {i: m for i, m in enumerate(model) if isinstance(m, (FocusedLinearAttention2d, C2fFocusedAttention))}
+    expected = _expected_attention(config, scale)
+    assert sorted(built) == sorted(expected)
+    for i, (channels, _, heads) in expected.items():
+        for attn in _attention_layers(built[i]):
+            assert (attn.dim, attn.num_heads) == (channels, heads), (i, scale)
+            assert attn.head_dim * heads == channels and attn.dwc.in_channels == attn.head_dim  # per-head conv
+
+
+def _parse(config: dict, scale: str) -> torch.nn.Sequential:
+    """The layers Ultralytics builds for a YAML at one scale; on the meta device (shapes only, no weights),
+    so that the l and x scales cost little."""
+    from ultralytics.nn import tasks
+    with torch.device('meta'):
+        model, _ = tasks.parse_model(dict(copy.deepcopy(config), scale=scale), ch=3, verbose=False)
+    return model
+
+
+@pytest.mark.parametrize('name', sorted(p.stem for p in CONFIGS.glob('*.yaml')))
+def test_heads_are_what_the_yaml_asks_at_every_scale(name):
+    config = yaml.safe_load((CONFIGS / f'{name}.yaml').read_text())
+    for scale in config['scales']:
+        _check_heads(_parse(config, scale), config, scale)
+
+
+# rows given head counts that do not divide their channels at some scale, or none (one per 64 channels)
+HEAD_VARIANTS = {
+    'yolov8-fla-p5': {10: [12]},  # 256, 512, 576, 512, 640 channels at n-x: 8, 8, 12, 8, 10 heads
+    'yolo11-fla-p5': {10: []},
+    'yolov8-c2f-fla': {12: [512, 3], 15: [256, 6], 18: [512], 21: [1024, 7]},
+}
+
+
+def test_head_counts_that_do_not_divide_are_lowered():
+    lowered = []
+    for name, variant in HEAD_VARIANTS.items():
+        config = yaml.safe_load((CONFIGS / f'{name}.yaml').read_text())
+        rows = config['backbone'] + config['head']
+        for i, args in variant.items():
+            rows[i][3] = args
+        for scale in config['scales']:
+            _check_heads(_parse(config, scale), config, scale)
+            lowered += [(name, scale, asked, heads) for channels, asked, heads
+                        in _expected_attention(config, scale).values() if heads < asked]
+    assert len(lowered) > 10, lowered  # the variants do exercise the lowering
+
+
 @pytest.mark.parametrize('family', ['yolov8', 'yolo11'])
 @pytest.mark.parametrize('scale', ['n', 's', 'm'])
 def test_attention_after_p5_builds_at_every_scale(family, scale):
@@ -54,7 +131,7 @@ def test_attention_after_p5_builds_at_every_scale(family, scale):
     model = _build(YOLO, f'{family}{scale}-fla-p5')
     (index, attn), = _layers(model, FocusedLinearAttention2d).items()
     channels = _scaled(1024, WIDTH[family][scale])
-    assert index == 10 and attn.dim == channels and channels % attn.num_heads == 0
+    assert index == 10 and attn.dim == channels
     assert attn.num_heads == 8 and attn.key_grid_size == (20, 20)  # P5 of a 640 image
 
 
@@ -68,12 +145,13 @@ def test_neck_blocks_build_at_every_scale(family, scale):
     repeats = max(round((3 if family == 'yolov8' else 2) * depth), 1)
     first = 12 if family == 'yolov8' else 13
     assert sorted(blocks) == [first, first + 3, first + 6, first + 9]
-    for index, c2 in zip(sorted(blocks), (512, 256, 512, 1024)):
+    for index, c2, heads in zip(sorted(blocks), (512, 256, 512, 1024), (4, 2, 4, 8)):
         block = blocks[index]
         assert block.conv_out.conv.out_channels == _scaled(c2, WIDTH[family][scale])
         assert len(block.blocks) == repeats
-        attn = block.blocks[0].attn
-        assert attn.dim % attn.num_heads == 0
+        # the YAML's heads, on half the block's channels (they divide at every scale of these YAMLs)
+        assert all((b.attn.dim, b.attn.num_heads) == (_scaled(c2, WIDTH[family][scale]) // 2, heads)
+                   for b in block.blocks)
     # the P3 block learns its positional encoding at the P3 map of a 640 image
     assert blocks[first + 3].blocks[0].attn.key_grid_size == (80, 80)
 

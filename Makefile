@@ -15,6 +15,7 @@ setup: $(BIN)/.installed
 
 run: setup
 	$(BIN)/flatten-timm models
+	@echo "The command is $(BIN)/flatten-timm; 'source $(BIN)/activate' puts it and its python on your PATH."
 
 test: setup
 	$(BIN)/python -m pytest -n auto tests

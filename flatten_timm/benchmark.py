@@ -173,15 +173,20 @@ def _make_step(model: nn.Module, img_size: Size, batch_size: int, dtype: str, mo
     return step
 
 
-def time_steps(steps: Sequence[Callable[[], None]], device: torch.device, warmup: int = 3, repeats: int = 10
+def time_steps(steps: Sequence[Callable[[], None]], device: torch.device, warmup: int = 3, repeats: int = 10,
+               progress: Optional[Callable[[str], None]] = None, names: Optional[Sequence[str]] = None,
                ) -> List[Dict[str, Optional[float]]]:
     """Median seconds per step and peak memory (MiB, CUDA only) of each step, timed alternately.
 
     Every step is warmed up, its peak memory read over one more step, then the timed repeats take
     turns (a, b, c, a, b, c, ...), so slow drifts of the machine hit every contender alike.
+    progress(text), if given, is told what is being run (the steps by their names).
     """
+    names = list(names or (f'step {i}' for i in range(len(steps))))
     peaks = []
-    for step in steps:
+    for name, step in zip(names, steps):
+        if progress is not None:
+            progress(f'  warming up {name} ({warmup} batch{"es" if warmup != 1 else ""})')
         for _ in range(warmup):
             step()
         _sync(device)
@@ -193,6 +198,8 @@ def time_steps(steps: Sequence[Callable[[], None]], device: torch.device, warmup
         else:
             peaks.append(None)
     times = [[] for _ in steps]
+    if progress is not None:
+        progress(f'  timing {repeats} batch{"es" if repeats != 1 else ""} of each, in turns')
     for _ in range(repeats):
         for i, step in enumerate(steps):
             _sync(device)
@@ -204,7 +211,7 @@ def time_steps(steps: Sequence[Callable[[], None]], device: torch.device, warmup
 
 
 def _measure(name, contenders, img_size: Size, batch_size, dtype, mode, device, official_repo, warmup, repeats,
-             features_only) -> List[BenchResult]:
+             features_only, progress=None) -> List[BenchResult]:
     """One row per contender, timed in turns; ratio_vs_flatten = flatten img/s / contender img/s."""
     built, counts = [], []
     for model_name, kind in contenders:
@@ -217,7 +224,8 @@ def _measure(name, contenders, img_size: Size, batch_size, dtype, mode, device, 
                 counts.append(count_params_and_gmacs(
                     _build(model_name, kind, img_size, official_repo, features_only), (3, *img_size)))
         built.append(_make_step(model, img_size, batch_size, dtype, mode, device))
-    timings = time_steps(built, device, warmup, repeats)
+    names = [model_name if kind != 'official' else f'official {model_name}' for model_name, kind in contenders]
+    timings = time_steps(built, device, warmup, repeats, progress=progress, names=names)
     rows = []
     for (model_name, kind), (params_m, gmacs), timing in zip(contenders, counts, timings):
         rows.append(BenchResult(
@@ -231,16 +239,19 @@ def _measure(name, contenders, img_size: Size, batch_size, dtype, mode, device, 
         _logger.info(f'{rows[-1].model} {rows[-1].img_size}px {mode}: {rows[-1].img_per_s} img/s')
     for row, timing in zip(rows, timings):  # from the unrounded times
         row.ratio_vs_flatten = round(timing['seconds'] / timings[0]['seconds'], 3)
+    if progress is not None:
+        progress('  ' + ', '.join(f'{r.model} {r.img_per_s:.1f} img/s' for r in rows))
     return rows
 
 
 def benchmark(models: Sequence[str], img_sizes: Sequence = (224,), batch_size: int = 32, dtype: str = 'fp32',
               modes: Sequence[str] = ('infer',), device: str = 'cpu', peers: bool = True,
               official_repo: Optional[str] = None, warmup: int = 3, repeats: int = 10,
-              features_only: bool = False) -> List[BenchResult]:
+              features_only: bool = False, progress: Optional[Callable[[str], None]] = None) -> List[BenchResult]:
     """Measure each flatten model, its softmax peer and (with official_repo) the official code, side by side.
 
     img_sizes: 224 or (800, 1344) / '800x1344'; features_only: the backbones as detectors use them.
+    progress(text), if given, is told what is being measured as it starts: '[n/m] model beside peer at size, ...'.
     """
     device = torch.device(device)
     if device.type == 'cuda':
@@ -251,7 +262,10 @@ def benchmark(models: Sequence[str], img_sizes: Sequence = (224,), batch_size: i
     for name in models:
         if not timm.is_model(name):
             raise ValueError(f'unknown model {name!r}')
-        for img_size in map(parse_img_size, img_sizes):
+    img_sizes = [parse_img_size(size) for size in img_sizes]
+    total, group = len(models) * len(img_sizes) * len(modes), 0
+    for name in models:
+        for img_size in img_sizes:
             contenders = [(name, 'flatten')]
             if peers and name in SOFTMAX_PEERS:
                 contenders.append((SOFTMAX_PEERS[name], 'softmax peer'))
@@ -262,9 +276,15 @@ def benchmark(models: Sequence[str], img_sizes: Sequence = (224,), batch_size: i
                     _logger.warning(f'the official code runs only as a {OFFICIAL_IMG_SIZE}px classifier: '
                                     f'not measured at {size_label(img_size)}{" features_only" if features_only else ""}')
             for mode in modes:
+                group += 1
+                if progress is not None:
+                    others = [m if kind != 'official' else 'the official code' for m, kind in contenders[1:]]
+                    progress(f'[{group}/{total}] {name}' + (f' beside {", ".join(others)}' if others else '') +
+                             f' at {size_label(img_size)}{" features_only" if features_only else ""}, {mode}, '
+                             f'{dtype}, batch {batch_size} on {device}')
                 try:
                     rows = _measure(name, contenders, img_size, batch_size, dtype, mode, device, official_repo,
-                                    warmup, repeats, features_only)
+                                    warmup, repeats, features_only, progress)
                 except Exception as e:  # one failing group (e.g. a backend error of a peer) spoils no others
                     _logger.error(f'{name} {size_label(img_size)} {dtype} {mode}: not measured, '
                                   f'{type(e).__name__}: {e}')

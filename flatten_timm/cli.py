@@ -1,7 +1,11 @@
-""" The `flatten-timm` command line."""
+""" The `flatten-timm` command line.
+
+Results go to stdout; what a long command is doing (n of m) goes to stderr.
+"""
 import argparse
 import json
 import logging
+import os
 import sys
 import urllib.error
 from typing import List, Optional
@@ -9,9 +13,16 @@ from typing import List, Optional
 __all__ = ['main']
 
 
+def _progress(text: str):
+    print(text, file=sys.stderr, flush=True)
+
+
 def _cmd_models(args) -> int:
-    from .zoo import describe_model, list_flatten_models
-    names = [n for n in list_flatten_models() if not args.filter or args.filter in n]
+    from .zoo import describe_model, filter_models, list_flatten_models
+    names = filter_models(list_flatten_models(), args.filter)
+    if not names:
+        print(f'no flatten model matches {args.filter!r}', file=sys.stderr)
+        return 1
     entries = [describe_model(n) for n in names]
     if args.json:
         print(json.dumps([e.__dict__ for e in entries], indent=1))
@@ -47,21 +58,37 @@ def _class_names(model) -> List[str]:
 
 
 def _load_model(args, features_only: bool = False):
-    """The model of --model with the weights of --pretrained or --checkpoint, in eval mode."""
+    """ The model of --model with the weights of --pretrained or --checkpoint, in eval mode.
+
+    A checkpoint that records how it was trained (input size, crop, mean/std, class names) gives the model
+    that size and data config (flatten_timm.hub.load_checkpoint_config).
+    """
     import timm
-    from .checkpoint import create_model_from_checkpoint
+    from .hub import create_model_as_trained, load_checkpoint_config, model_kwargs_from_config
     if args.checkpoint and features_only:  # timm's pretrained path loads it without the head
-        return timm.create_model(args.model, pretrained=True, features_only=True,
-                                 pretrained_cfg_overlay=dict(file=args.checkpoint)).eval()
+        if not os.path.isfile(args.checkpoint):
+            raise FileNotFoundError(f'checkpoint file not found: {args.checkpoint}')
+        kwargs = model_kwargs_from_config(args.model, load_checkpoint_config(args.checkpoint), {})
+        kwargs.pop('num_classes', None)
+        kwargs['pretrained_cfg_overlay'] = dict(kwargs.get('pretrained_cfg_overlay', {}), file=args.checkpoint)
+        return timm.create_model(args.model, pretrained=True, features_only=True, **kwargs).eval()
     if args.checkpoint:
-        return create_model_from_checkpoint(args.model, args.checkpoint).eval()
+        return create_model_as_trained(args.model, args.checkpoint).eval()
     if not args.pretrained:
         logging.getLogger(__name__).warning('neither --pretrained nor --checkpoint: using random weights')
     return timm.create_model(args.model, pretrained=args.pretrained, features_only=features_only).eval()
 
 
+def _check_image_file(path: str):
+    if not os.path.exists(path):
+        raise SystemExit(f'cannot read image {path}: no such file')
+    if os.path.isdir(path):
+        raise SystemExit(f'cannot read image {path}: it is a folder; give image files')
+
+
 def _read_image(path: str):
     from PIL import Image, UnidentifiedImageError
+    _check_image_file(path)
     try:
         return Image.open(path).convert('RGB')
     # ImportError: with Ultralytics imported, Image.open retries undecodable files with an optional HEIF plugin
@@ -79,8 +106,18 @@ def _eval_transform(model):
     return timm.data.create_transform(**_data_config(model))
 
 
+def _check_model_name(name: str):
+    """An unknown name fails as timm.create_model fails for it, before anything is read or built."""
+    import timm
+    if not (name.startswith(('hf-hub:', 'local-dir:')) or timm.is_model(name)):
+        raise RuntimeError(f'Unknown model ({name})')
+
+
 def _cmd_predict(args) -> int:
     import torch
+    _check_model_name(args.model)
+    for path in args.images:  # before the model is built
+        _check_image_file(path)
     model = _load_model(args)
     transform = _eval_transform(model)
     names = _class_names(model)
@@ -105,6 +142,8 @@ def _point(text: str):
 def _cmd_visualize(args) -> int:
     import torch
     from .attention_maps import capture_attention, draw_attention_figure, find_linear_attention
+    _check_model_name(args.model)
+    _check_image_file(args.image)
     model = _load_model(args)
     config = _data_config(model)
     x = _eval_transform(model)(_read_image(args.image)).unsqueeze(0)
@@ -128,10 +167,11 @@ def _cmd_visualize(args) -> int:
 
 def _cmd_bench(args) -> int:
     from .benchmark import benchmark, format_table, write_json, write_plot
+    args.device = args.device or ('cuda' if _cuda_available() else 'cpu')
     results = benchmark(args.models, img_sizes=args.img_size, batch_size=args.batch_size, dtype=args.dtype,
                         modes=args.mode, device=args.device, peers=not args.no_peers,
                         official_repo=args.official_repo, warmup=args.warmup, repeats=args.repeats,
-                        features_only=args.features_only)
+                        features_only=args.features_only, progress=_progress)
     print(format_table(results))
     if args.json:
         write_json(results, args.json, args.device)
@@ -146,11 +186,15 @@ def _cmd_export(args) -> int:
     from .export import check_onnx, default_check_sizes, export_onnx, model_min_input_size
     model = _load_model(args, features_only=args.features_only)
     img_size = tuple(args.img_size) if args.img_size else tuple(model.pretrained_cfg['input_size'][-2:])
+    what = 'backbone' if args.features_only else 'classifier'
+    _progress(f'exporting the {args.model} {what} at {img_size[0]}x{img_size[1]} with the {args.exporter} exporter'
+              + (' (20-60 s)' if args.exporter == 'dynamo' else ''))
     path = export_onnx(model, args.output, img_size=img_size, dynamic=args.dynamic, exporter=args.exporter,
                        opset=args.opset)
     axes = 'dynamic batch, height and width' if args.dynamic else f'fixed size 1x3x{img_size[0]}x{img_size[1]}'
     print(f'wrote {path} ({args.exporter} exporter, {axes}); onnx.checker passed')
     sizes = default_check_sizes(img_size, model_min_input_size(model)) if args.dynamic else [img_size]
+    _progress(f'running it in ONNX Runtime beside PyTorch at {len(sizes)} size{"s" if len(sizes) > 1 else ""}')
     print('ONNX Runtime vs PyTorch, random input:')
     for check in check_onnx(path, model, sizes, batch_size=2 if args.dynamic else 1):
         shapes = ', '.join('x'.join(map(str, s)) for s in check.output_shapes)
@@ -185,7 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('-v', '--verbose', action='store_true', help='log what happens')
     sub = parser.add_subparsers(dest='command', required=True)
     models = sub.add_parser('models', help='list the model zoo: params, GMACs, released top-1')
-    models.add_argument('--filter', default='', help='only names containing this text')
+    models.add_argument('--filter', default='', metavar='PATTERN',
+                        help="only names matching this wildcard pattern, as timm.list_models matches them "
+                             "('swin_*_384'); the flatten_ prefix may be left out, and a pattern without "
+                             "wildcards matches names that start with it ('swin_base': Swin-B, not CSWin-B)")
     models.add_argument('--json', action='store_true', help='print JSON instead of a table')
     models.set_defaults(func=_cmd_models)
 
@@ -199,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument('--private', action='store_true', help='create the Hub repository as private')
     convert.set_defaults(func=_cmd_convert)
 
-    predict = sub.add_parser('predict', help='top-k ImageNet classes for images')
+    predict = sub.add_parser('predict', help="top-k classes of images (ImageNet's, or the checkpoint's own names)")
     _add_model_arguments(predict)
     predict.add_argument('--topk', type=int, default=5, help='how many classes to print (default 5)')
     predict.add_argument('images', nargs='+', help='image files')
@@ -224,17 +271,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help='resolutions: 224, or HEIGHTxWIDTH such as 800x1344 (default 224)')
     bench.add_argument('--features-only', action='store_true',
                        help='measure the features_only backbones (stage maps), as detectors use them')
-    bench.add_argument('-b', '--batch-size', type=int, default=32)
+    bench.add_argument('-b', '--batch-size', type=int, default=32, help='images per batch (default 32)')
     bench.add_argument('--dtype', default='fp32', choices=['fp32', 'bf16', 'fp16'], help='fp32, or autocast')
     bench.add_argument('--mode', nargs='+', default=['infer'], choices=['infer', 'train', 'compile'],
                        help='inference, a training step, compiled inference')
-    bench.add_argument('--device', default='cuda' if _cuda_available() else 'cpu')
+    bench.add_argument('--device', default=None,
+                       help="device to measure on, e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu)")
     bench.add_argument('--no-peers', action='store_true', help="skip timm's softmax models")
     bench.add_argument('--official-repo', default=None,
                        help='a checkout of LeapLabTHU/FLatten-Transformer, to measure the official code too')
-    bench.add_argument('--warmup', type=int, default=3)
+    bench.add_argument('--warmup', type=int, default=3, help='untimed batches per model first (default 3)')
     bench.add_argument('--repeats', type=int, default=10,
-                       help='timed batches per model, taken in turns with the other models; the median is reported')
+                       help='timed batches per model, taken in turns with the other models; the median is reported '
+                            '(default 10)')
     bench.add_argument('--json', default=None, help='write the results and environment as JSON')
     bench.add_argument('--plot', default=None, help='write a PNG of images/s against resolution')
     bench.set_defaults(func=_cmd_bench)
@@ -262,9 +311,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .attention_maps import LayerChoiceError
     from .checkpoint import CheckpointError
     from .export import ExportError
+    from .hub import PretrainedWeightsUnavailable
     try:
         return args.func(args)
     except (CheckpointError, ExportError, FileNotFoundError, LayerChoiceError) as e:
+        print(f'flatten-timm {args.command}: error: {e}', file=sys.stderr)
+        return 2
+    except PretrainedWeightsUnavailable as e:
         print(f'flatten-timm {args.command}: error: {e}', file=sys.stderr)
         return 2
     except urllib.error.URLError as e:

@@ -5,7 +5,9 @@ the model accepts: while a graph is recorded the models take their shortcut-free
 encodings resized, windows and stripes padded, rolled and masked inside the graph; see
 `flatten_timm.layers.symbolic_shapes`).
 """
+import contextlib
 import importlib.util
+import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +58,25 @@ def _check_size(model: nn.Module, img_size: Size, what: str):
                           f'{min_size}x{min_size} pixels (it downsamples by 32)')
 
 
+# third-party loggers that report routine steps of an export as warnings (onnxscript's optimizer warns once
+# per Split node it leaves unfolded: 20 identical lines for a tiny model)
+_NOISY_LOGGERS = ('onnxscript', 'onnx_ir')
+
+
+@contextlib.contextmanager
+def _quiet_exporter_logs():
+    """Only errors of the exporters' own loggers while an export runs; their levels are restored after."""
+    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def _outputs(out) -> List[torch.Tensor]:
     return list(out) if isinstance(out, (list, tuple)) else [out]
 
@@ -95,7 +116,7 @@ def export_onnx(
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     kwargs = dict(input_names=['images'], output_names=names, opset_version=opset)
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), _quiet_exporter_logs():
         # shape checks on traced sizes warn that they are constants in the graph: they are only checks
         warnings.filterwarnings('ignore', category=torch.jit.TracerWarning)
         try:

@@ -6,15 +6,19 @@
         --data-dir /data/imagenet --output runs/
 
 Flags are named as in timm's train.py; `--config` reads a YAML of the same keys (flag names with
-underscores), which the command line overrides. `--lr`, `--warmup-lr` and `--min-lr` are given
-for a global batch of `--lr-base-size` (512, as in the paper) and scaled linearly to the actual
-global batch (batch x processes x accumulation steps).
+underscores), which the command line overrides (`--config FILE --help` shows its values as the
+defaults). `--lr`, `--warmup-lr` and `--min-lr` are given for a global batch of `--lr-base-size`
+(512, as in the paper) and scaled linearly to the actual global batch (batch x processes x
+accumulation steps). A run lasts `--epochs` plus `--cooldown-epochs` at the minimum learning rate
+(the paper's configs cool down for 10).
 
 Data: an ImageFolder root with `train/` and (optionally) `val/` class folders, or any
 timm dataset (`--dataset`). Distributed through torchrun (NCCL on GPUs, gloo on CPU), multi-node
 through its rendezvous. Each epoch appends to `summary.csv` and `summary.jsonl` in the output
 folder and saves `last.pth.tar` (and `model_best.pth.tar`) atomically; `--resume` continues at the
 next epoch with identical state: every epoch reseeds all random generators from (seed, epoch, rank).
+Checkpoints record what the model was trained with (input size, crop, mean/std, class names, the
+dataset), which `scripts/validate.py` and `flatten-timm predict / convert / export` use.
 """
 import argparse
 import csv
@@ -25,6 +29,7 @@ import sys
 import time
 from contextlib import nullcontext
 from datetime import timedelta
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
@@ -40,6 +45,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import AverageMeter, ModelEmaV3, accuracy, dispatch_clip_grad, random_seed
 
 import flatten_timm  # noqa: F401  registers the models
+from flatten_timm.hub import PretrainedWeightsUnavailable
 
 _logger = logging.getLogger('train')
 
@@ -66,71 +72,91 @@ def _posterize_zero_bits_as_black():
 _posterize_zero_bits_as_black()
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every flag's default in --help."""
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity, as the DataLoader's worker check counts them)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+
+
+def default_workers() -> int:
+    """timm's 4 data loading processes, or fewer on a machine with fewer CPUs."""
+    return max(1, min(4, available_cpus()))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument('--config', default='', help='YAML of flag values (underscored names); flags override it')
     g = p.add_argument_group('data')
     g.add_argument('--data-dir', default=None, help='dataset root (ImageFolder: contains train/ and val/)')
     g.add_argument('--dataset', default='', help="timm dataset name; '' for an image folder")
-    g.add_argument('--train-split', default='train')
-    g.add_argument('--val-split', default='val', help="'' to skip validation")
-    g.add_argument('--workers', '-j', type=int, default=4, help='data loading processes per rank')
+    g.add_argument('--train-split', default='train', help='training split (sub-folder of --data-dir)')
+    g.add_argument('--val-split', default='val', help="validation split; '' to skip validation")
+    g.add_argument('--workers', '-j', type=int, default=default_workers(),
+                   help='data loading processes per rank (4, or the CPUs available when fewer)')
     g = p.add_argument_group('model')
-    g.add_argument('--model', default='flatten_pvt_tiny')
+    g.add_argument('--model', default='flatten_pvt_tiny', help='model name (`flatten-timm models` lists them)')
     g.add_argument('--pretrained', action='store_true', help='start from the pretrained weights')
     g.add_argument('--initial-checkpoint', default='', help='start from these weights (official or ours)')
-    g.add_argument('--num-classes', type=int, default=None, help='classes (default: from the dataset)')
-    g.add_argument('--img-size', type=int, default=None, help='training resolution (default: the model\'s)')
-    g.add_argument('--drop-path', type=float, default=0.1)
-    g.add_argument('--channels-last', action='store_true')
+    g.add_argument('--num-classes', type=int, default=None, help='classes (None: from the dataset)')
+    g.add_argument('--img-size', type=int, default=None, help='training resolution (None: the model\'s)')
+    g.add_argument('--drop-path', type=float, default=0.1, help='stochastic depth rate')
+    g.add_argument('--channels-last', action='store_true', help='channels-last memory format')
     g = p.add_argument_group('optimisation')
     g.add_argument('-b', '--batch-size', type=int, default=128, help='batch per process')
-    g.add_argument('--grad-accum-steps', type=int, default=1)
-    g.add_argument('--epochs', type=int, default=300)
-    g.add_argument('--opt', default='adamw')
-    g.add_argument('--opt-eps', type=float, default=1e-8)
-    g.add_argument('--opt-betas', type=float, nargs=2, default=(0.9, 0.999))
-    g.add_argument('--momentum', type=float, default=0.9)
-    g.add_argument('--weight-decay', type=float, default=0.05)
-    g.add_argument('--clip-grad', type=float, default=None, help='gradient norm clipping (none by default)')
-    g.add_argument('--clip-mode', default='norm')
+    g.add_argument('--grad-accum-steps', type=int, default=1, help='micro-batches per optimiser step')
+    g.add_argument('--epochs', type=int, default=300,
+                   help='epochs of the schedule, warm-up included; --cooldown-epochs more follow')
+    g.add_argument('--opt', default='adamw', help='optimiser (a timm name)')
+    g.add_argument('--opt-eps', type=float, default=1e-8, help='optimiser epsilon')
+    g.add_argument('--opt-betas', type=float, nargs=2, default=(0.9, 0.999), help='Adam betas')
+    g.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
+    g.add_argument('--weight-decay', type=float, default=0.05, help='weight decay')
+    g.add_argument('--clip-grad', type=float, default=None, help='gradient clipping threshold (None: no clipping)')
+    g.add_argument('--clip-mode', default='norm', help="gradient clipping: 'norm', 'value' or 'agc'")
     g.add_argument('--lr', type=float, default=5e-4, help='learning rate at a global batch of --lr-base-size')
     g.add_argument('--lr-base-size', type=int, default=512, help='reference global batch of --lr (0: no scaling)')
-    g.add_argument('--sched', default='cosine')
-    g.add_argument('--warmup-epochs', type=int, default=5)
-    g.add_argument('--warmup-lr', type=float, default=1e-6)
-    g.add_argument('--min-lr', type=float, default=1e-5)
-    g.add_argument('--cooldown-epochs', type=int, default=0)
+    g.add_argument('--sched', default='cosine', help='learning rate schedule (a timm name)')
+    g.add_argument('--warmup-epochs', type=int, default=5, help='epochs of linear warm-up from --warmup-lr')
+    g.add_argument('--warmup-lr', type=float, default=1e-6, help='learning rate where the warm-up starts')
+    g.add_argument('--min-lr', type=float, default=1e-5, help='learning rate at the end of the schedule')
+    g.add_argument('--cooldown-epochs', type=int, default=0,
+                   help='epochs at --min-lr after --epochs (the run lasts --epochs + --cooldown-epochs)')
     g = p.add_argument_group('augmentation and regularisation')
     g.add_argument('--aa', default=None,
                    help="RandAugment policy, e.g. 'rand-m9-mstd0.5-inc1'; 'none' or '' switches off a config's")
-    g.add_argument('--color-jitter', type=float, default=0.4)
-    g.add_argument('--reprob', type=float, default=0.)
-    g.add_argument('--remode', default='pixel')
-    g.add_argument('--mixup', type=float, default=0.)
-    g.add_argument('--cutmix', type=float, default=0.)
-    g.add_argument('--mixup-prob', type=float, default=1.)
-    g.add_argument('--mixup-switch-prob', type=float, default=0.5)
-    g.add_argument('--smoothing', type=float, default=0.1)
-    g.add_argument('--train-interpolation', default='bicubic')
-    g.add_argument('--model-ema', action='store_true')
-    g.add_argument('--model-ema-decay', type=float, default=0.9998)
+    g.add_argument('--color-jitter', type=float, default=0.4, help='colour jitter strength')
+    g.add_argument('--reprob', type=float, default=0., help='random erasing probability')
+    g.add_argument('--remode', default='pixel', help='random erasing mode')
+    g.add_argument('--mixup', type=float, default=0., help='Mixup alpha (0: off)')
+    g.add_argument('--cutmix', type=float, default=0., help='CutMix alpha (0: off)')
+    g.add_argument('--mixup-prob', type=float, default=1., help='probability of Mixup or CutMix per batch')
+    g.add_argument('--mixup-switch-prob', type=float, default=0.5, help='probability of CutMix when both are on')
+    g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
+    g.add_argument('--train-interpolation', default='bicubic', help='resize interpolation of training images')
+    g.add_argument('--model-ema', action='store_true', help='keep an exponential moving average of the weights')
+    g.add_argument('--model-ema-decay', type=float, default=0.9998, help='decay of the weights\' average')
     g = p.add_argument_group('run')
     g.add_argument('--amp', action='store_true', help='mixed precision')
-    g.add_argument('--amp-dtype', default='float16', choices=['float16', 'bfloat16'])
-    g.add_argument('--device', default=None, help='cuda or cpu (default: cuda when available)')
+    g.add_argument('--amp-dtype', default='float16', choices=['float16', 'bfloat16'], help='mixed precision dtype')
+    g.add_argument('--device', default=None, help='cuda or cpu (None: cuda when available)')
     g.add_argument('--resume', default='', help='checkpoint of this script to continue from')
     g.add_argument('--output', default='output', help='folder for checkpoints and logs')
-    g.add_argument('--experiment', default='', help='sub-folder name (default: the model name)')
-    g.add_argument('--seed', type=int, default=42)
-    g.add_argument('--log-interval', type=int, default=50)
+    g.add_argument('--experiment', default='', help='sub-folder name (\'\': the model name)')
+    g.add_argument('--seed', type=int, default=42, help='random seed')
+    g.add_argument('--log-interval', type=int, default=50, help='steps between progress lines')
     return p
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     """Flags, over the --config YAML, over the defaults; unknown YAML keys are an error."""
     parser = build_parser()
-    known, _ = parser.parse_known_args(argv)
+    # --config first (without --help), so that `--config FILE --help` shows the config's values as defaults
+    config_parser = argparse.ArgumentParser(add_help=False)
+    config_parser.add_argument('--config', default='')
+    known, _ = config_parser.parse_known_args(argv)
     metadata = {}
     if known.config:
         if not os.path.isfile(known.config):
@@ -184,10 +210,49 @@ def build_model(args, num_classes: int):
     kwargs = dict(num_classes=num_classes, drop_path_rate=args.drop_path)
     if args.img_size:
         kwargs['img_size'] = args.img_size
-    model = timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
+    try:
+        model = timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
+    except PretrainedWeightsUnavailable as e:
+        raise SystemExit(f'{e} (here: --initial-checkpoint FILE instead of --pretrained)')
     if args.initial_checkpoint:
         model.load_pretrained(args.initial_checkpoint)
     return model
+
+
+def class_names(dataset) -> Optional[List[str]]:
+    """The dataset's class names in label order (an image folder's sub-folder names), if it has them."""
+    class_to_idx = getattr(getattr(dataset, 'reader', None), 'class_to_idx', None)
+    if not class_to_idx:
+        return None
+    names = sorted(class_to_idx, key=class_to_idx.get)
+    return [str(n) for n in names] if list(map(class_to_idx.get, names)) == list(range(len(names))) else None
+
+
+def trained_config(args, data_config: dict, num_classes: int, label_names: Optional[List[str]]) -> dict:
+    """ What a checkpoint records about how its model is used (flatten_timm.hub.load_checkpoint_config reads it):
+    the eval data settings as a timm pretrained_cfg, the create_model keywords that rebuild the model, the dataset.
+    """
+    pretrained_cfg = {k: data_config[k] for k in ('input_size', 'interpolation', 'crop_pct', 'crop_mode', 'mean', 'std')
+                      if data_config.get(k) is not None}
+    pretrained_cfg.update(architecture=args.model, num_classes=num_classes)
+    if label_names and len(label_names) == num_classes:
+        pretrained_cfg['label_names'] = label_names
+    dataset = args.dataset or (f'image folder {os.path.basename(os.path.normpath(args.data_dir))}'
+                               if args.data_dir else None)
+    return {
+        'pretrained_cfg': pretrained_cfg,
+        'model_args': {'img_size': args.img_size} if args.img_size else {},
+        'dataset': dataset,
+    }
+
+
+def describe_epochs(args, num_epochs: int) -> str:
+    """'300 epochs', or '1 epoch + 10 cool-down' where the schedule adds --cooldown-epochs at the minimum lr."""
+    def epochs(n):
+        return f'{n} epoch{"s" if n != 1 else ""}'
+    if num_epochs == args.epochs:
+        return epochs(num_epochs)
+    return f'{epochs(args.epochs)} + {num_epochs - args.epochs} cool-down (--cooldown-epochs) = {epochs(num_epochs)}'
 
 
 def build_optimizer_and_scheduler(args, model, world_size: int, updates_per_epoch: int):
@@ -390,6 +455,7 @@ def main(argv=None):
         raise SystemExit(f'the training set has {len(train_set)} images, fewer than one batch per rank')
 
     optimizer, scheduler, num_epochs = build_optimizer_and_scheduler(args, model, world_size, updates_per_epoch)
+    checkpoint_config = trained_config(args, data_config, num_classes, class_names(train_set))
     if mixup_on:
         loss_fn = SoftTargetCrossEntropy()
     elif args.smoothing:
@@ -428,7 +494,8 @@ def main(argv=None):
             yaml.safe_dump({k: v for k, v in vars(args).items()}, f)
         _logger.info(f'{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, '
                      f'{world_size} process(es) on {device.type}, global batch {lrs["global_batch"]}, '
-                     f'lr {lrs["lr"]:.3e}, {num_epochs} epochs, output {folder}')
+                     f'lr {lrs["lr"]:.3e}, {describe_epochs(args, num_epochs)}, '
+                     f'{data_config["input_size"][-2]}x{data_config["input_size"][-1]} px, output {folder}')
 
     for epoch in range(start_epoch, num_epochs):
         # every epoch draws from generators seeded by (seed, epoch, rank): a resumed run repeats them
@@ -458,7 +525,7 @@ def main(argv=None):
                 'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
                 'scheduler': scheduler.state_dict(), 'scaler': scaler.state_dict() if scaler else None,
                 'model_ema': ema.module.state_dict() if ema else None, 'epoch': epoch, 'best': best,
-                'arch': args.model, 'num_classes': num_classes,
+                'arch': args.model, 'num_classes': num_classes, **checkpoint_config,
                 'args': {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))},
             }
             save_atomically(state, os.path.join(folder, 'last.pth.tar'))
@@ -468,7 +535,10 @@ def main(argv=None):
 
     checksum = check_ranks_in_sync(model, world_size)
     if _is_main():
-        _logger.info(f'done: {world_size} rank(s) hold the same weights (checksum {checksum:.6f})')
+        if world_size > 1:
+            _logger.info(f'done: {world_size} rank(s) hold the same weights (checksum {checksum:.6f})')
+        else:
+            _logger.info(f'done: checkpoints in {folder}')
     if world_size > 1:
         dist.destroy_process_group()
 

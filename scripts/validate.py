@@ -6,8 +6,10 @@
     python scripts/validate.py --data-dir /data/imagenet/val --model flatten_pvt_tiny --pretrained
 
 Uses the model's own eval transform (the official protocol: square resize to size / 0.875, centre
-crop, bicubic; a direct resize for the 384 Swin-B fine-tune). `--data-dir` is the class-folder root
-or a folder with a `val/` sub-folder. Prints a summary and writes it as JSON (`--results-file`).
+crop, bicubic; a direct resize for the 384 Swin-B fine-tune). A checkpoint of `scripts/train.py`
+is evaluated as it was trained: at its input size, crop and mean/std, with its class count
+(`--img-size` and `--crop-pct` override). `--data-dir` is the class-folder root or a folder with a
+`val/` sub-folder. Prints a summary and writes it as JSON (`--results-file`).
 """
 import argparse
 import json
@@ -26,33 +28,51 @@ from timm.data import create_dataset, create_loader, resolve_data_config
 from timm.utils import accuracy
 
 import flatten_timm  # noqa: F401  registers the models
-from flatten_timm.checkpoint import CheckpointError, create_model_from_checkpoint
+from flatten_timm.checkpoint import CheckpointError
+from flatten_timm.hub import PretrainedWeightsUnavailable, create_model_as_trained
 
 _logger = logging.getLogger('validate')
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every flag's default in --help."""
+
+
+def default_workers() -> int:
+    """timm's 4 data loading processes, or fewer on a machine with fewer CPUs."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    return max(1, min(4, cpus))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument('--data-dir', required=True, help='ImageFolder root (or its parent with val/)')
-    p.add_argument('--split', default='val', help='sub-folder used when --data-dir has one (default val)')
-    p.add_argument('--model', required=True)
+    p.add_argument('--split', default='val', help='sub-folder used when --data-dir has one')
+    p.add_argument('--model', required=True, help="model name, or 'hf-hub:OWNER/NAME'")
     weights = p.add_mutually_exclusive_group()
     weights.add_argument('--pretrained', action='store_true', help='the pretrained weights of --model')
     weights.add_argument('--checkpoint', default='', help='weights file: official .pth, train.py checkpoint, '
                                                           '.safetensors')
     p.add_argument('--use-ema', action='store_true', help="evaluate the checkpoint's EMA weights")
-    p.add_argument('--num-classes', type=int, default=None)
-    p.add_argument('--img-size', type=int, default=None, help='evaluation resolution (default: the model\'s)')
-    p.add_argument('--crop-pct', type=float, default=None, help='override the model\'s crop fraction')
-    p.add_argument('-b', '--batch-size', type=int, default=100)
-    p.add_argument('--workers', '-j', type=int, default=4)
+    p.add_argument('--num-classes', type=int, default=None, help="classes (None: the checkpoint's or the model's)")
+    p.add_argument('--img-size', type=int, default=None,
+                   help="evaluation resolution (None: the checkpoint's training size, else the model's)")
+    p.add_argument('--crop-pct', type=float, default=None,
+                   help="crop fraction (None: the checkpoint's, else the model's)")
+    p.add_argument('-b', '--batch-size', type=int, default=100, help='images per batch')
+    p.add_argument('--workers', '-j', type=int, default=default_workers(),
+                   help='data loading processes (4, or the CPUs available when fewer)')
     p.add_argument('--amp', action='store_true', help='mixed precision')
-    p.add_argument('--amp-dtype', default='bfloat16', choices=['float16', 'bfloat16'])
-    p.add_argument('--channels-last', action='store_true')
-    p.add_argument('--device', default=None, help='cuda or cpu (default: cuda when available)')
+    p.add_argument('--amp-dtype', default='bfloat16', choices=['float16', 'bfloat16'], help='mixed precision dtype')
+    p.add_argument('--channels-last', action='store_true', help='channels-last memory format')
+    p.add_argument('--device', default=None, help='cuda or cpu (None: cuda when available)')
     p.add_argument('--results-file', default='', help='write the summary here as JSON')
-    p.add_argument('--log-interval', type=int, default=50)
+    p.add_argument('--log-interval', type=int, default=50, help='batches between progress lines')
     return p
+
+
+def _first(names, count: int = 5) -> str:
+    return ', '.join(map(str, names[:count])) + (', ...' if len(names) > count else '')
 
 
 def load_model(args) -> nn.Module:
@@ -61,7 +81,7 @@ def load_model(args) -> nn.Module:
         kwargs['img_size'] = args.img_size
     if args.checkpoint:
         key = 'model_ema' if args.use_ema else None
-        return create_model_from_checkpoint(args.model, args.checkpoint, key=key, **kwargs)
+        return create_model_as_trained(args.model, args.checkpoint, key=key, **kwargs)
     if not args.pretrained:
         _logger.warning('neither --pretrained nor --checkpoint: evaluating random weights')
     return timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
@@ -79,7 +99,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     try:
         model = load_model(args).to(device).eval()
-    except (CheckpointError, FileNotFoundError) as e:
+    except (CheckpointError, FileNotFoundError, PretrainedWeightsUnavailable) as e:
         raise SystemExit(str(e))
     except urllib.error.URLError as e:
         raise SystemExit(f'could not download the weights of {args.model} ({e.reason}): pass --checkpoint FILE')
@@ -96,6 +116,14 @@ def main(argv=None) -> int:
     num_classes = len(dataset.reader.class_to_idx)
     if num_classes > model.num_classes:
         raise SystemExit(f'the dataset has {num_classes} classes, the model {model.num_classes}')
+    label_names = model.pretrained_cfg.get('label_names')
+    folders = sorted(dataset.reader.class_to_idx, key=dataset.reader.class_to_idx.get)
+    if label_names and list(label_names[:num_classes]) != folders:
+        _logger.warning(f'the class folders ({_first(folders)}) are not the classes the model was trained on '
+                        f'({_first(label_names)}) in that order: its predictions are scored against other labels')
+    _logger.info(f'evaluating at {data_config["input_size"][-2]}x{data_config["input_size"][-1]}, '
+                 f'crop {data_config["crop_pct"]} ({data_config.get("crop_mode") or "center"}), '
+                 f'{data_config["interpolation"]}, {len(dataset)} images')
 
     amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
     amp_ctx = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if args.amp else nullcontext

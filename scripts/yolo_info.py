@@ -1,12 +1,14 @@
-""" Params and GFLOPs (Ultralytics' own model_info, 640x640) of configs/yolo beside the unmodified models.
+""" Params and GFLOPs (Ultralytics' own model_info, 640x640) of flatten_timm's model YAMLs beside the unmodified
+models.
 
     python scripts/yolo_info.py [--scales n s]     # prints the README's Markdown table
+
+The YAMLs are the packaged ones (flatten_timm/configs/yolo), named as users name them after register().
 """
 import argparse
 import logging
-from pathlib import Path
+import sys
 
-CONFIGS = Path(__file__).resolve().parents[1] / 'configs' / 'yolo'
 PAIRS = [  # (our YAML stem, Ultralytics' unmodified model)
     ('yolov8{}-fla-p5', 'yolov8{}.yaml'),
     ('yolov8{}-c2f-fla', 'yolov8{}.yaml'),
@@ -29,14 +31,13 @@ def main():
     register()
     from ultralytics import RTDETR, YOLO
     from ultralytics.utils import LOGGER
-    LOGGER.setLevel(logging.WARNING)
+    LOGGER.setLevel(logging.ERROR)  # its warning that RT-DETR's YAML names no scale ('l' is meant)
+    pairs = [(YOLO, ours.format(scale), base.format(scale)) for ours, base in PAIRS for scale in args.scales]
+    pairs.append((RTDETR, 'rtdetr-l-fla', 'rtdetr-l.yaml'))
     rows = []
-    for ours, base in PAIRS:
-        for scale in args.scales:
-            mine, theirs = info(YOLO(str(CONFIGS / (ours.format(scale) + '.yaml')))), info(YOLO(base.format(scale)))
-            rows.append((ours.format(scale), base.format(scale)[:-5], mine, theirs))
-    rows.append(('rtdetr-l-fla', 'rtdetr-l', info(RTDETR(str(CONFIGS / 'rtdetr-l-fla.yaml'))),
-                 info(RTDETR('rtdetr-l.yaml'))))
+    for i, (model_cls, ours, base) in enumerate(pairs):
+        print(f'[{i + 1}/{len(pairs)}] {ours} and {base[:-5]}', file=sys.stderr, flush=True)
+        rows.append((ours, base[:-5], info(model_cls(f'{ours}.yaml')), info(model_cls(base))))
     print('| model | params (M) | GFLOPs | unmodified | params (M) | GFLOPs |')
     print('|---|---|---|---|---|---|')
     for name, base, (p, g), (bp, bg) in rows:

@@ -2,7 +2,12 @@
 
     from flatten_timm.integrations.ultralytics import register
     register()
-    model = YOLO('configs/yolo/yolov8n-fla-p5.yaml')   # the scale letter picks n/s/m/l/x
+    model = YOLO('yolov8n-fla-p5.yaml')   # the scale letter picks n/s/m/l/x
+
+The model YAMLs of this package (`yaml_names()`: yolov8-fla-p5, yolov8-c2f-fla, yolo11-fla-p5,
+yolo11-c2f-fla, rtdetr-l-fla) ship inside it, and after `register()` Ultralytics finds them by name
+from any working directory, as it finds its own; a file of the same name in the working directory
+wins. `yaml_path(name)` gives the packaged file, to copy and edit.
 
 `register()` wraps Ultralytics' `parse_model` (nothing in Ultralytics is edited or re-executed). Rows
 naming these layers are built by Ultralytics as the stand-ins whose channel rules they share, so
@@ -21,7 +26,11 @@ resized to the map in use, so any imgsz and non-square images work.
 Ultralytics is AGPL-3.0; it is an optional dependency (`pip install "flatten-timm[yolo]"`).
 """
 import copy
-from typing import Dict, List, Tuple
+import os
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -29,7 +38,8 @@ import torch.nn as nn
 from flatten_timm.detection import C2fFocusedAttention
 from flatten_timm.layers import FocusedLinearAttention2d
 
-__all__ = ['SUPPORTED_VERSIONS', 'UnsupportedUltralyticsVersion', 'register', 'is_registered']
+__all__ = ['SUPPORTED_VERSIONS', 'UnsupportedUltralyticsVersion', 'register', 'is_registered', 'yaml_names',
+           'yaml_path']
 
 SUPPORTED_VERSIONS = ('8.3', '8.4')  # release series whose parse_model contract this relies on
 TRAIN_SIZE = 640  # the image size the positional encodings are learned at
@@ -38,6 +48,47 @@ _STAND_INS = {'FocusedLinearAttention2d': 'nn.Identity', 'C2fFocusedAttention': 
 
 class UnsupportedUltralyticsVersion(RuntimeError):
     pass
+
+
+def _yaml_dir() -> Path:
+    return Path(str(resources.files('flatten_timm') / 'configs' / 'yolo'))
+
+
+def yaml_names() -> List[str]:
+    """File names of the model YAMLs that ship with flatten_timm (without a scale letter)."""
+    return sorted(p.name for p in _yaml_dir().glob('*.yaml'))
+
+
+def yaml_path(name: str) -> Path:
+    """ The packaged model YAML of `name`: 'yolov8-fla-p5.yaml', or with a scale letter ('yolov8n-fla-p5',
+    the file of every scale). Build models by name (`YOLO('yolov8n-fla-p5.yaml')`, which keeps the scale);
+    this is the file to copy and edit.
+    """
+    stem = Path(name).name
+    stem = stem[:-5] if stem.endswith('.yaml') else stem
+    for candidate in (stem, re.sub(r'(\d+)[nslmx](-)', r'\1\2', stem, count=1)):
+        path = _yaml_dir() / f'{candidate}.yaml'
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f'no flatten_timm model YAML named {name!r}; there are {", ".join(yaml_names())}')
+
+
+def _packaged_yaml(file) -> Optional[str]:
+    """The packaged YAML a bare file name asks for, unless a file of that name is in the working directory."""
+    name = str(file)
+    if not name.endswith('.yaml') or os.path.dirname(name) or os.path.exists(name):
+        return None
+    path = _yaml_dir() / name
+    return str(path) if path.is_file() else None
+
+
+def _wrap_check_yaml(check_yaml):
+    """Ultralytics' YAML lookup (the working directory, then its own cfg folder), which also knows ours by name."""
+    def check_yaml_with_flatten_yamls(file, *args, **kwargs):
+        return _packaged_yaml(file) or check_yaml(file, *args, **kwargs)
+
+    check_yaml_with_flatten_yamls.flatten_timm_wrapped = check_yaml
+    return check_yaml_with_flatten_yamls
 
 
 def _check_version(version: str):
@@ -130,9 +181,13 @@ def is_registered() -> bool:
 
 
 def register():
-    """Make FocusedLinearAttention2d and C2fFocusedAttention usable in Ultralytics model YAMLs (idempotent)."""
+    """ Make FocusedLinearAttention2d and C2fFocusedAttention usable in Ultralytics model YAMLs, and this
+    package's YAMLs loadable by name (`YOLO('yolov8n-fla-p5.yaml')`) from any working directory (idempotent).
+    """
     import ultralytics
     _check_version(ultralytics.__version__)
     from ultralytics.nn import tasks
     if not is_registered():
         tasks.parse_model = _wrap(tasks.parse_model)
+    if not hasattr(tasks.check_yaml, 'flatten_timm_wrapped'):  # what yaml_model_load resolves names with
+        tasks.check_yaml = _wrap_check_yaml(tasks.check_yaml)

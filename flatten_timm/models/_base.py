@@ -293,11 +293,18 @@ def build_flatten_model(model_cls, variant: str, pretrained: bool, filter_fn: Ca
     if overlay and (overlay.get('file') or overlay.get('url')) and 'custom_load' not in overlay:
         kwargs['pretrained_cfg_overlay'] = dict(overlay, custom_load=True)
     out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
-    return build_model_with_cfg(
-        model_cls,
-        variant,
-        pretrained,
-        pretrained_filter_fn=filter_fn,
-        feature_cfg=dict(feature_cls='getter', out_indices=out_indices),
-        **kwargs,
-    )
+    try:
+        return build_model_with_cfg(
+            model_cls,
+            variant,
+            pretrained,
+            pretrained_filter_fn=filter_fn,
+            feature_cfg=dict(feature_cls='getter', out_indices=out_indices),
+            **kwargs,
+        )
+    except OSError as e:  # a failed download: one error naming the model, the URL and what to do offline
+        from flatten_timm.hub import weights_download_error
+        error = weights_download_error(variant, kwargs, e) if pretrained else None
+        if error is None:
+            raise
+        raise error from None

@@ -13,7 +13,7 @@ import torch
 import triton.testing
 
 from flatten_timm.layers.focused_linear_attention import focused_linear_attention
-from flatten_timm.layers.fla_triton import triton_focused_linear_attention
+from flatten_timm.layers.fla.triton_kernels import triton_focused_linear_attention
 
 SHAPES = [((128, 3136, 64, 1), torch.bfloat16), ((128, 3136, 64, 1), torch.float32),
           ((128, 784, 128, 2), torch.bfloat16), ((32, 12544, 96, 3), torch.bfloat16)]

@@ -51,7 +51,7 @@ def gpu_code_path():
     a half-precision focused linear attention as block-diagonal matmuls, and its backward's queries and keys
     stacked."""
     softmax = importlib.import_module('flatten_timm.layers.softmax_attention')
-    linear = importlib.import_module('flatten_timm.layers.focused_linear_attention')
+    linear = importlib.import_module('flatten_timm.layers.fla.dispatch')
     fused = set_cpu_fusion(False)
     explicit_max, block_diagonal, stacking = (
         softmax._CPU_EXPLICIT_MAX_KEYS, linear._block_diagonal_pays, linear._stacking_pays)

@@ -89,14 +89,14 @@ def test_outputs_and_gradients_match_the_spec(impl, dtype, tol, shape):
 
 def force_block_diagonal_heads(monkeypatch, block_diagonal: bool):
     """Heads as block-diagonal matmuls (what a GPU runs in half precision) or not, on any device."""
-    module = importlib.import_module('flatten_timm.layers.focused_linear_attention')  # the module, not its function
+    module = importlib.import_module('flatten_timm.layers.fla.dispatch')
     monkeypatch.setattr(module, '_block_diagonal_pays', lambda q, num_heads: block_diagonal and num_heads > 1)
 
 
 @pytest.fixture(params=['heads_in_a_loop', 'heads_in_one_matmul', 'heads_block_diagonal'])
 def heads_path(request, monkeypatch):
     """The torch path's three ways through the heads (chosen by device, dtype and batch x tokens), each forced."""
-    module = importlib.import_module('flatten_timm.layers.focused_linear_attention')
+    module = importlib.import_module('flatten_timm.layers.fla.dispatch')
     monkeypatch.setattr(module, '_BATCHED_HEADS_MAX_TOKENS', 0 if request.param == 'heads_in_a_loop' else 10 ** 9)
     force_block_diagonal_heads(monkeypatch, request.param == 'heads_block_diagonal')
     return request.param
@@ -279,7 +279,7 @@ def test_auto_is_torch_on_cpu_without_timing(monkeypatch):
 @needs_triton
 def test_auto_selection_runs_the_real_implementations_with_gradients():
     from flatten_timm.layers.attn_impl import selection_key
-    from flatten_timm.layers.focused_linear_attention import _IMPLEMENTATIONS
+    from flatten_timm.layers.fla.dispatch import _IMPLEMENTATIONS
     timer = FakeTimer({'torch': 2.0, 'triton': 1.0})
     selector = ImplSelector(timer)
     q, k, v, residual, floor = make_inputs(1, 20, 20, 32, torch.float32, seed=11)
@@ -313,7 +313,7 @@ def test_block_diagonal_heads_equal_the_loop_over_heads(monkeypatch, shape, dtyp
 
 def force_stacked_maps(monkeypatch, stacked: bool):
     """Queries and keys of one size stacked in the backward (what a GPU runs) or not, on any device."""
-    module = importlib.import_module('flatten_timm.layers.focused_linear_attention')
+    module = importlib.import_module('flatten_timm.layers.fla.dispatch')
     monkeypatch.setattr(module, '_stacking_pays', lambda q: stacked)
 
 

@@ -94,7 +94,7 @@ def test_inference_reuses_what_it_folds_from_the_parameters(sr_ratio, monkeypatc
     import copy
     import importlib
     import pickle
-    fla = importlib.import_module('flatten_timm.layers.focused_linear_attention')  # the module, not the function
+    fla = importlib.import_module('flatten_timm.layers.fla.modules')
     folds = []
     fold = fla._fold_kernel_into
     monkeypatch.setattr(fla, '_fold_kernel_into', lambda *args: folds.append(1) or fold(*args))

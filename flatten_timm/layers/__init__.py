@@ -1,7 +1,6 @@
-from .attn_impl import ATTN_IMPLS, set_attn_impl
-from .focused_linear_attention import (
-    FocusedLinearAttention, FocusedLinearAttention2d, focused_linear_attention, focusing_map, linear_attention,
-    run_focused_linear_attention)
+from .fla import (
+    ATTN_IMPLS, FocusedLinearAttention, FocusedLinearAttention2d, focused_linear_attention, focusing_map,
+    linear_attention, run_focused_linear_attention, set_attn_impl)
 from .grid_tokens import (
     GridTableResizer, channels_last_to_tokens, map_to_tokens, merge_windows, pad_nhwc, partition_windows,
     resample_grid_tokens, tokens_to_channels_last, tokens_to_map, windows_as_map)

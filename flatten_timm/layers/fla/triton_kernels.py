@@ -1,7 +1,7 @@
 """ Fused Triton kernels for focused linear attention, forward and backward.
 
-The same function as `focused_linear_attention` (its torch form), in five passes over memory (three with
-one head):
+The same function as the torch ops of torch_inference.py and torch_training.py, in five passes over memory
+(three with one head):
 
 - `_kernel_stats`: per token, over all C channels, ||t|| and 1 / ||t**p|| of the kernel t = max(x, floor)
   (for q and for k; the focusing map's norms span every head, so they are computed once per token; with
@@ -341,7 +341,8 @@ def _kv_chunk(n: int, programs: int, block_n: int, device: torch.device) -> int:
     return triton.cdiv(triton.cdiv(n, splits), block_n) * block_n
 
 
-class _FocusedLinearAttentionFn(torch.autograd.Function):
+class TritonAttentionFn(torch.autograd.Function):
+    """The kernels' forward, keeping q, k, v, the token norms and the kv state for their backward."""
 
     @staticmethod
     def forward(ctx, q, k, v, floor, focusing_factor, num_heads, residual, key_offset):
@@ -438,4 +439,4 @@ def triton_focused_linear_attention(
         k, v = k.to(q.dtype), v.to(q.dtype)
     if key_offset is not None:
         key_offset = unit_channel_stride(key_offset.to(k.dtype))
-    return _FocusedLinearAttentionFn.apply(q, k, v, floor, float(focusing_factor), num_heads, residual, key_offset)
+    return TritonAttentionFn.apply(q, k, v, floor, float(focusing_factor), num_heads, residual, key_offset)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-""" Train (or fine-tune) a flatten_* model on ImageNet or an image folder, on one device or many.
+r""" Train (or fine-tune) a flatten_* model on ImageNet or an image folder, on one device or many.
 
     python scripts/train.py --config configs/flatten_pvt_tiny.yaml --data-dir /data/imagenet
     torchrun --nproc_per_node=8 scripts/train.py --config configs/flatten_swin_tiny_patch4_224.yaml \

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-""" Evaluate a flatten_* model on an ImageFolder validation set: top-1, top-5 and loss.
+r""" Evaluate a flatten_* model on an ImageFolder validation set: top-1, top-5 and loss.
 
     python scripts/validate.py --data-dir /data/imagenet --model flatten_swin_tiny_patch4_224 \
         --checkpoint flatten_swin_t.pth          # an official file, or this project's / train.py's

@@ -101,3 +101,39 @@ def test_cli_export_errors(tmp_path, capsys):
     assert main(['export', '--model', 'flatten_pvt_v2_b0', '--img-size', '16', '40',
                  '--output', str(tmp_path / 'x.onnx')]) == 2
     assert 'too small' in capsys.readouterr().err
+
+
+def test_cli_export_static_with_opset(tmp_path, capsys, monkeypatch):
+    """Without --dynamic (the default) the graph takes one fixed size, 1x3xHxW as asked; --opset sets the file's
+    ONNX opset (the exporter's default is 20 here); and ONNX Runtime gives the model's outputs at that size. The
+    weights go through --checkpoint, so that the test holds the same model (the tiny configuration, which the
+    command builds too)."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from safetensors.torch import save_file
+    create_model = timm.create_model
+    monkeypatch.setattr(timm, 'create_model', lambda name, **kwargs: create_model(name, **{**TINY[name], **kwargs}))
+    model = timm.create_model('flatten_pvt_v2_b0', num_classes=5).eval()
+    weights = tmp_path / 'b0.safetensors'
+    save_file(model.state_dict(), str(weights))
+    out = tmp_path / 'static.onnx'
+    assert main(['export', '--model', 'flatten_pvt_v2_b0', '--checkpoint', str(weights), '--img-size', '64', '96',
+                 '--opset', '17', '--output', str(out)]) == 0
+    text = capsys.readouterr().out
+    assert 'fixed size 1x3x64x96' in text and text.count('max |difference|') == 1
+
+    proto = onnx.load(str(out))
+    assert {o.domain: o.version for o in proto.opset_import}[''] == 17
+    (images,), (logits,) = proto.graph.input, proto.graph.output
+    assert [d.dim_value for d in images.type.tensor_type.shape.dim] == [1, 3, 64, 96]
+    assert [d.dim_value for d in logits.type.tensor_type.shape.dim] == [1, 5]
+
+    session = ort.InferenceSession(str(out), providers=['CPUExecutionProvider'])
+    x = torch.randn(1, 3, 64, 96)
+    (got,) = session.run(None, {'images': x.numpy()})
+    with torch.no_grad():
+        expected = model(x).numpy()
+    assert got.shape == (1, 5) and np.abs(got - expected).max() < 1e-4, np.abs(got - expected).max()
+    with pytest.raises(Exception, match='(?i)dimension|shape'):  # the fixed graph takes no other size
+        session.run(None, {'images': torch.randn(1, 3, 96, 64).numpy()})

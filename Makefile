@@ -1,4 +1,4 @@
-# Quick start: `make run` (set up, then list the model zoo) and `make test` (set up, then run the tests).
+# Quick start: `make run` (set up, then list the model zoo) and `make test` (set up, lint, then run the tests).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -18,6 +18,7 @@ run: setup
 	@echo "The command is $(BIN)/flatten-timm; 'source $(BIN)/activate' puts it and its python on your PATH."
 
 test: setup
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -n auto tests
 
 clean:

@@ -18,7 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .layers import FocusedLinearAttention, FocusedLinearAttention2d, map_to_tokens
-from .layers.focused_linear_attention import focusing_map
+from ._optional import import_matplotlib
+from .layers import focusing_map
 
 __all__ = ['LayerChoiceError', 'CapturedAttention', 'capture_attention', 'find_linear_attention', 'implicit_attention',
            'softmax_attention', 'attention_maps', 'attention_rank', 'draw_attention_figure']
@@ -170,10 +171,7 @@ def draw_attention_figure(image: torch.Tensor, captured: CapturedAttention, poin
 
     image: (3, H, W) in [0, 1], the model's input; points: (x, y) pixels of that image.
     """
-    import matplotlib
-    if output is not None:
-        matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    plt = import_matplotlib(headless=output is not None)
 
     H, W = image.shape[-2:]
     fh, fw = captured.feat_size

@@ -23,6 +23,7 @@ import timm
 import torch
 import torch.nn as nn
 
+from ._optional import import_matplotlib
 from .zoo import count_params_and_gmacs
 
 _logger = logging.getLogger(__name__)
@@ -274,7 +275,8 @@ def benchmark(models: Sequence[str], img_sizes: Sequence = (224,), batch_size: i
                     contenders.append((name, 'official'))
                 else:
                     _logger.warning(f'the official code runs only as a {OFFICIAL_IMG_SIZE}px classifier: '
-                                    f'not measured at {size_label(img_size)}{" features_only" if features_only else ""}')
+                                    f'not measured at {size_label(img_size)}'
+                                    f'{" features_only" if features_only else ""}')
             for mode in modes:
                 group += 1
                 if progress is not None:
@@ -328,9 +330,7 @@ def _pixels(label: str) -> int:
 
 def write_plot(results: List[BenchResult], path: str, device: str):
     """Images per second against resolution, one line per model and mode."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    plt = import_matplotlib()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
     series: Dict[str, List[BenchResult]] = {}
     for r in results:

@@ -147,7 +147,8 @@ def load_checkpoint_file(path: str, key: Optional[str] = None) -> Dict[str, torc
         try:
             return _strip_wrapper_prefix(load_file(path))
         except Exception as e:  # safetensors raises its own error types for bad headers
-            raise CheckpointError(f'{path} is not a valid safetensors file ({e}); it may be truncated or corrupt') from e
+            raise CheckpointError(
+                f'{path} is not a valid safetensors file ({e}); it may be truncated or corrupt') from e
     return _strip_wrapper_prefix(_pick_state_dict(safe_torch_load(path), path, key))
 
 

@@ -141,7 +141,9 @@ def _point(text: str):
 
 def _cmd_visualize(args) -> int:
     import torch
+    from ._optional import import_matplotlib
     from .attention_maps import capture_attention, draw_attention_figure, find_linear_attention
+    import_matplotlib()  # before any work: the figure needs it
     _check_model_name(args.model)
     _check_image_file(args.image)
     model = _load_model(args)
@@ -311,13 +313,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .attention_maps import LayerChoiceError
     from .checkpoint import CheckpointError
     from .export import ExportError
+    from ._optional import MissingExtraError
     from .hub import PretrainedWeightsUnavailable
     try:
         return args.func(args)
     except (CheckpointError, ExportError, FileNotFoundError, LayerChoiceError) as e:
         print(f'flatten-timm {args.command}: error: {e}', file=sys.stderr)
         return 2
-    except PretrainedWeightsUnavailable as e:
+    except (PretrainedWeightsUnavailable, MissingExtraError) as e:
         print(f'flatten-timm {args.command}: error: {e}', file=sys.stderr)
         return 2
     except urllib.error.URLError as e:

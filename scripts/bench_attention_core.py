@@ -48,7 +48,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--json', default=None)
     parser.add_argument('--profile', action='store_true',
-                        help='instead, list the CUDA kernels of forward + backward of the first shape, per implementation')
+                        help='instead, list the CUDA kernels of forward + backward of the first shape, '
+                             'per implementation')
     args = parser.parse_args()
     if args.profile:
         return profile()

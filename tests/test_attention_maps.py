@@ -1,4 +1,6 @@
 """ The implicit attention of focused linear attention, captured from models, and the visualize command."""
+import sys
+
 import pytest
 import timm
 import torch
@@ -9,7 +11,7 @@ from flatten_timm.attention_maps import (
     implicit_attention)
 from flatten_timm.cli import main
 from flatten_timm.layers import FocusedLinearAttention2d
-from flatten_timm.layers.focused_linear_attention import focusing_map
+from flatten_timm.layers import focusing_map
 from test_models import TINY
 
 
@@ -94,3 +96,16 @@ def test_visualize_command_writes_the_figure(tmp_path, capsys):
     with pytest.raises(SystemExit, match='has 2 heads'):
         main(['visualize', '--model', 'flatten_pvt_v2_b0', '--image', str(image), '--stage', '1',
               '--head', '5', '--output', str(out)])
+
+
+def test_visualize_without_matplotlib_names_the_extra(tmp_path, monkeypatch, capsys):
+    image = tmp_path / 'cat.png'
+    Image.new('RGB', (64, 64)).save(image)
+    for name in [m for m in list(sys.modules) if m == 'matplotlib' or m.startswith('matplotlib.')]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, 'matplotlib', None)  # import matplotlib raises ImportError
+    assert main(['visualize', '--model', 'flatten_pvt_v2_b0', '--image', str(image),
+                 '--output', str(tmp_path / 'maps.png')]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'flatten-timm[viz]'" in err and 'matplotlib' in err
+    assert not (tmp_path / 'maps.png').exists()

@@ -10,7 +10,8 @@ from conftest import FAMILY_MODEL, PARITY_CASES, model_kwargs_for, official_stat
 FAMILY_MODULE = {f: f'flatten_timm.models.flatten_{f}' for f in FAMILY_MODEL}
 
 if not PARITY_CASES:
-    pytest.skip('parity fixtures (tests/fixtures/parity) are absent: nothing to compare against', allow_module_level=True)
+    pytest.skip('parity fixtures (tests/fixtures/parity) are absent: nothing to compare against',
+                allow_module_level=True)
 
 
 @pytest.mark.parametrize('case', PARITY_CASES)

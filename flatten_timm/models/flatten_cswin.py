@@ -26,7 +26,7 @@ from ._base import (
     FlattenModel, build_flatten_model, init_weights,
     PyramidStage, resolve_stage_args, stage_drop_path_rates, stage_reduction)
 from ._convert import fit_state_dict_to_model, rename_keys, unwrap_state_dict
-from .flatten_pvt import _cfg, _official
+from ._pretrained import default_cfg, official_cfg
 
 __all__ = ['FlattenCSWin']
 
@@ -380,10 +380,10 @@ def _create_flatten_cswin(variant: str, pretrained: bool = False, **kwargs) -> F
 
 
 default_cfgs = generate_default_cfgs({
-    'flatten_cswin_tiny_224.in1k': _official('48ba765ba8b0451d9d5a', 'flatten_cswin_t.pth'),
-    'flatten_cswin_small_224': _cfg(),
-    'flatten_cswin_base_224': _cfg(),
-    'flatten_cswin_base_384': _cfg(input_size=(3, 384, 384), pool_size=(12, 12)),
+    'flatten_cswin_tiny_224.in1k': official_cfg('48ba765ba8b0451d9d5a', 'flatten_cswin_t.pth'),
+    'flatten_cswin_small_224': default_cfg(),
+    'flatten_cswin_base_224': default_cfg(),
+    'flatten_cswin_base_384': default_cfg(input_size=(3, 384, 384), pool_size=(12, 12)),
 })
 
 

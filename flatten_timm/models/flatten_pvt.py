@@ -12,7 +12,6 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm2d, to_2tuple, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 
@@ -22,6 +21,7 @@ from ._base import (
     FlattenModel, build_flatten_model, init_weights,
     PyramidStage, resolve_stage_args, stage_drop_path_rates, stage_reduction)
 from ._convert import fit_state_dict_to_model, fuse_qkv, rename_keys, unwrap_state_dict
+from ._pretrained import default_cfg, official_cfg
 
 __all__ = ['FlattenPvt', 'FlattenPvtBlock']
 
@@ -212,31 +212,11 @@ def _create_flatten_pvt(variant: str, pretrained: bool = False, **kwargs) -> Fla
     return build_flatten_model(FlattenPvt, variant, pretrained, checkpoint_filter_fn, **kwargs)
 
 
-def _cfg(url: str = '', **kwargs):
-    return {
-        'url': url, 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
-        'crop_pct': 0.875, 'crop_mode': 'squash', 'interpolation': 'bicubic', 'fixed_input_size': False,
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'patch_embed.proj', 'classifier': 'head',
-        # weights load through FlattenModel.load_pretrained: safe unpickling and official-key conversion
-        'custom_load': True,
-        'paper_ids': 'arXiv:2308.00442',
-        'paper_name': 'FLatten Transformer: Vision Transformer using Focused Linear Attention',
-        'origin_url': 'https://github.com/LeapLabTHU/FLatten-Transformer',
-        **kwargs,
-    }
-
-
-def _official(file_id: str, filename: str, **kwargs):
-    """A released checkpoint: the official download link (its URL has no file name, so give one)."""
-    return _cfg(url=(f'https://cloud.tsinghua.edu.cn/f/{file_id}/?dl=1', filename), **kwargs)
-
-
 default_cfgs = generate_default_cfgs({
-    'flatten_pvt_tiny.in1k': _official('3ab1d773f19d45648690', 'flatten_pvt_t.pth'),
-    'flatten_pvt_small': _cfg(),
-    'flatten_pvt_medium': _cfg(),
-    'flatten_pvt_large': _cfg(),
+    'flatten_pvt_tiny.in1k': official_cfg('3ab1d773f19d45648690', 'flatten_pvt_t.pth'),
+    'flatten_pvt_small': default_cfg(),
+    'flatten_pvt_medium': default_cfg(),
+    'flatten_pvt_large': default_cfg(),
 })
 
 

@@ -22,7 +22,8 @@ from ._base import (
     FlattenModel, build_flatten_model, init_weights,
     PyramidStage, resolve_stage_args, stage_drop_path_rates, stage_reduction)
 from ._convert import fit_state_dict_to_model, unwrap_state_dict
-from .flatten_pvt import FlattenPvtBlock, _cfg, _official, convert_official_pvt
+from ._pretrained import default_cfg, official_cfg
+from .flatten_pvt import FlattenPvtBlock, convert_official_pvt
 
 __all__ = ['FlattenPvtV2']
 
@@ -143,12 +144,12 @@ def _create_flatten_pvt_v2(variant: str, pretrained: bool = False, **kwargs) -> 
 
 
 default_cfgs = generate_default_cfgs({
-    'flatten_pvt_v2_b0.in1k': _official('5d1f01532b104da28e7b', 'flatten_pvt_v2_b0.pth'),
-    'flatten_pvt_v2_b1': _cfg(),
-    'flatten_pvt_v2_b2': _cfg(),
-    'flatten_pvt_v2_b3': _cfg(),
-    'flatten_pvt_v2_b4': _cfg(),
-    'flatten_pvt_v2_b5': _cfg(),
+    'flatten_pvt_v2_b0.in1k': official_cfg('5d1f01532b104da28e7b', 'flatten_pvt_v2_b0.pth'),
+    'flatten_pvt_v2_b1': default_cfg(),
+    'flatten_pvt_v2_b2': default_cfg(),
+    'flatten_pvt_v2_b3': default_cfg(),
+    'flatten_pvt_v2_b4': default_cfg(),
+    'flatten_pvt_v2_b5': default_cfg(),
 })
 
 

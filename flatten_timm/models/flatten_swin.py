@@ -27,7 +27,7 @@ from flatten_timm.layers.symbolic_shapes import (
 from ._base import (
     FlattenModel, build_flatten_model, init_weights, resolve_stage_args, stage_drop_path_rates, stage_reduction)
 from ._convert import fit_state_dict_to_model, rename_keys, unwrap_state_dict
-from .flatten_pvt import _official
+from ._pretrained import official_cfg
 
 __all__ = ['FlattenSwin']
 
@@ -391,11 +391,11 @@ def _create_flatten_swin(variant: str, pretrained: bool = False, **kwargs) -> Fl
 
 
 default_cfgs = generate_default_cfgs({
-    'flatten_swin_tiny_patch4_224.in1k': _official('e1518e76703e4e57a7f2', 'flatten_swin_t.pth'),
-    'flatten_swin_small_patch4_224.in1k': _official('94188e52af354bf4a88b', 'flatten_swin_s.pth'),
-    'flatten_swin_base_patch4_224.in1k': _official('7a9e5186bad04e7fb3a9', 'flatten_swin_b.pth'),
+    'flatten_swin_tiny_patch4_224.in1k': official_cfg('e1518e76703e4e57a7f2', 'flatten_swin_t.pth'),
+    'flatten_swin_small_patch4_224.in1k': official_cfg('94188e52af354bf4a88b', 'flatten_swin_s.pth'),
+    'flatten_swin_base_patch4_224.in1k': official_cfg('7a9e5186bad04e7fb3a9', 'flatten_swin_b.pth'),
     # the 384 fine-tune is evaluated with a direct resize to 384, no crop
-    'flatten_swin_base_patch4_384.in1k': _official(
+    'flatten_swin_base_patch4_384.in1k': official_cfg(
         '0d0330cf2e5249f1abb6', 'flatten_swin_b_384.pth', input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0),
 })
 

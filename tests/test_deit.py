@@ -1,0 +1,165 @@
+""" FLatten-DeiT: the class-token attention against the paper's equations, the models at any size, the timm API,
+compile, ONNX, the warm start from softmax weights and a short training run."""
+import warnings
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from flatten_timm.layers import set_attn_impl
+from flatten_timm.models.flatten_deit import FlattenDeitAttention, warm_start_from_softmax
+
+# a narrow, shallow FLatten-DeiT: the architecture of the registered ones
+TINY_DEIT = dict(embed_dim=32, depth=2, num_heads=2, img_size=64)
+
+
+def tiny_deit(**kwargs):
+    return timm.create_model('flatten_deit_tiny_patch16_224', **{**TINY_DEIT, **kwargs})
+
+
+# ---- the attention against a float64 transcription of the equations ---------------------------------------------
+
+def transcribed_attention(attn: FlattenDeitAttention, x: torch.Tensor, feat_size, num_prefix: int) -> torch.Tensor:
+    """The paper's focused linear attention in float64, written out token by token: every token a query and a key;
+    the key positional encoding on the patch keys; the depthwise conv of V on the patch grid for patch tokens only."""
+    x = x.double()
+    H, W = feat_size
+    B, N, C = x.shape
+    heads = attn.num_heads
+    d = C // heads
+    qkv = x @ attn.qkv.weight.double().t() + attn.qkv.bias.double()
+    q, k, v = qkv[..., :C], qkv[..., C:2 * C], qkv[..., 2 * C:]
+    encoding = attn.key_positional_encoding((H, W)).double()  # the table resized to the grid (tested elsewhere)
+    k = torch.cat([k[:, :num_prefix], k[:, num_prefix:] + encoding], dim=1)
+    s = F.softplus(attn.scale.double()).reshape(C)
+
+    def phi(t):  # phi_p(t) = ||t'|| t'^p / ||t'^p||, t' = (relu(t) + 1e-6) / s, norms over all C channels
+        t = (torch.relu(t) + 1e-6) / s
+        return t.norm(dim=-1, keepdim=True) * t ** attn.focusing_factor / (t ** attn.focusing_factor).norm(
+            dim=-1, keepdim=True)
+
+    q, k = phi(q), phi(k)
+    out = torch.zeros_like(v)
+    for h in range(heads):
+        c = slice(h * d, (h + 1) * d)
+        for i in range(N):
+            weights = (k[:, :, c] * q[:, i:i + 1, c]).sum(-1)  # (B, N): phi(q_i) . phi(k_j)
+            out[:, i, c] = (weights.unsqueeze(-1) * v[:, :, c]).sum(1) / (weights.sum(1, keepdim=True) + 1e-6 * N)
+    # the depthwise conv: one kernel shared by the heads, on each head's channels of the patch tokens' V
+    kernel = attn.dwc.weight.double()
+    pad = kernel.shape[-1] // 2
+    v_map = v[:, num_prefix:].reshape(B, H, W, C).permute(0, 3, 1, 2)
+    conv = torch.cat([F.conv2d(v_map[:, c0:c0 + d], kernel, attn.dwc.bias.double(), padding=pad, groups=d)
+                      for c0 in range(0, C, d)], dim=1)
+    out[:, num_prefix:] += conv.permute(0, 2, 3, 1).reshape(B, H * W, C)
+    return out @ attn.proj.weight.double().t() + attn.proj.bias.double()
+
+
+def randomised_attention(num_prefix: int = 1) -> FlattenDeitAttention:
+    torch.manual_seed(0)
+    attn = FlattenDeitAttention(16, num_heads=2, grid_size=(3, 4), num_prefix_tokens=num_prefix)
+    with torch.no_grad():  # every parameter away from its initial value, the key encoding and scale included
+        for p in attn.parameters():
+            p.normal_(0, 0.3)
+    return attn
+
+
+@pytest.mark.parametrize('impl', ['torch', 'reference'])
+@pytest.mark.parametrize('feat_size', [(3, 4), (5, 2)], ids=['training_grid', 'other_grid'])
+@pytest.mark.parametrize('num_prefix', [1, 2])
+def test_attention_matches_the_equations(impl, feat_size, num_prefix):
+    """Outputs and gradients (input and every parameter) of the class-token attention equal the float64
+    transcription: at its training grid and at a non-square grid of another size (key encoding resized there)."""
+    attn = randomised_attention(num_prefix)
+    attn.attn_impl = impl
+    x = torch.randn(2, num_prefix + feat_size[0] * feat_size[1], 16, requires_grad=True)
+    expected = transcribed_attention(attn, x, feat_size, num_prefix)
+    out = attn(x, feat_size)
+    torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=1e-4)
+
+    grad = torch.randn_like(out)
+    params = [x] + list(attn.parameters())
+    got = torch.autograd.grad(out, params, grad)
+    want = torch.autograd.grad(expected, params, grad.double())
+    for (name, _), g, w in zip([('x', x)] + list(attn.named_parameters()), got, want):
+        torch.testing.assert_close(g.double(), w.double(), atol=5e-5, rtol=1e-3, msg=lambda m: f"gradient of {name}: {m}")
+
+    with torch.no_grad():  # the inference path (in-place, scratch buffers)
+        torch.testing.assert_close(attn(x, feat_size).double(), expected, atol=2e-5, rtol=1e-4)
+
+
+def test_class_token_gets_no_conv_and_no_key_encoding():
+    """The prefix rows: changing the depthwise conv moves only patch outputs' conv terms, and the key encoding
+    touches no prefix key (a transcription that gave the class token either would differ here)."""
+    attn = randomised_attention()
+    x = torch.randn(1, 1 + 12, 16)
+    with torch.no_grad():
+        before = attn(x, (3, 4))
+        attn.dwc.weight.add_(1.0)
+        after = attn(x, (3, 4))
+    # the attention part is unchanged; the conv part differs on patch tokens only, so the class token's output
+    # (before the output projection, which mixes channels but not tokens) is the same
+    torch.testing.assert_close(before[:, 0], after[:, 0])
+    assert (before[:, 1:] - after[:, 1:]).abs().min() > 0
+
+
+# ---- the models --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('name,dims', [('flatten_deit_tiny_patch16_224', (192, 12, 3)),
+                                       ('flatten_deit_small_patch16_224', (384, 12, 6)),
+                                       ('flatten_deit_base_patch16_224', (768, 12, 12))])
+def test_registered_sizes_and_cfgs(name, dims):
+    model = timm.create_model(name, device='meta')
+    attn = model.blocks[0].attn
+    assert (model.embed_dim, len(model.blocks), attn.num_heads) == dims
+    assert (attn.focusing_factor, attn.dwc.kernel_size, attn.key_grid_size) == (3, (5, 5), (14, 14))
+    assert attn.scale.requires_grad
+    cfg = model.pretrained_cfg
+    assert (cfg['crop_pct'], cfg['interpolation'], cfg['mean'], cfg['std']) == (
+        0.875, 'bicubic', (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert not cfg.get('url') and not cfg.get('hf_hub_id')
+
+
+def test_pretrained_says_there_are_no_weights():
+    with pytest.raises(RuntimeError, match='No pretrained weights exist for flatten_deit_tiny_patch16_224'):
+        timm.create_model('flatten_deit_tiny_patch16_224', pretrained=True)
+
+
+def test_tiny_model_at_224():
+    model = timm.create_model('flatten_deit_tiny_patch16_224').eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 224, 224)).shape == (1, 1000)
+
+
+@pytest.mark.parametrize('size', [(64, 64), (70, 113), (33, 16)])
+def test_any_size(size):
+    """Non-square sizes that are not multiples of 16: the grid is ceil(H / 16) x ceil(W / 16) and the model equals
+    its reference path there (depthwise conv and key encoding on the actual grid)."""
+    model = tiny_deit(num_classes=7).eval()
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        logits = model(x)
+        tokens = model.forward_features(x)
+        reference = set_attn_impl(model, 'reference')(x)
+    grid = (-(-size[0] // 16), -(-size[1] // 16))
+    assert logits.shape == (2, 7) and tokens.shape == (2, 1 + grid[0] * grid[1], 32)
+    torch.testing.assert_close(logits, reference, atol=1e-5, rtol=1e-4)
+
+
+def test_bad_input_is_a_clear_error():
+    model = tiny_deit()
+    with pytest.raises(ValueError, match='batch of images'):
+        model(torch.randn(3, 64, 64))
+    with pytest.raises(ValueError, match='input channels'):
+        model(torch.randn(1, 1, 64, 64))
+    with pytest.raises(ValueError, match='at least 16x16'):
+        model(torch.randn(1, 3, 8, 64))
+
+
+@pytest.mark.parametrize('kwargs,match', [(dict(attn_drop_rate=0.1), 'no attention matrix'),
+                                          (dict(patch_drop_rate=0.5), 'patch grid'),
+                                          (dict(qk_norm=True), 'qk_norm')])
+def test_options_without_meaning_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_deit(**kwargs)

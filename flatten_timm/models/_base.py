@@ -4,7 +4,6 @@ A family provides `patch_embed`, `stages` (nn.Sequential; each stage has `grad_c
 `blocks`), `norm`, `head`, `head_drop`, `feature_info`, and sets `output_fmt` to the layout its
 stages pass along ('NCHW' or 'NHWC').
 """
-import sys
 from functools import partial
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -170,12 +169,16 @@ class FlattenModel(nn.Module):
         self.load_weights(load_checkpoint_file(path, key))
 
     def load_weights(self, state_dict: Dict[str, torch.Tensor]):
-        """ Load an official or this project's state dict: keys converted by the family's
-        checkpoint_filter_fn, position tables resized, a head of another class count left re-initialised.
+        """ Load an official or this project's state dict: keys converted by `checkpoint_filter`, position
+        tables resized, a head of another class count left re-initialised.
         """
         from flatten_timm.checkpoint import load_weights_into
-        filter_fn = sys.modules[type(self).__module__].checkpoint_filter_fn
-        load_weights_into(self, state_dict, filter_fn=filter_fn)
+        load_weights_into(self, self.checkpoint_filter(state_dict))
+
+    def checkpoint_filter(self, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """An official or this project's state dict in this model's layout: each family returns its
+        module's `checkpoint_filter_fn(state_dict, self)`."""
+        raise NotImplementedError(f'{type(self).__name__} does not define checkpoint_filter')
 
     # ---- timm model API ---------------------------------------------------------------------
     @torch.jit.ignore
@@ -283,7 +286,7 @@ class FlattenModel(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def build_flatten_model(model_cls, variant: str, pretrained: bool, filter_fn: Callable, **kwargs):
+def build_flatten_model(model_cls, variant: str, pretrained: bool, pretrained_filter_fn: Callable, **kwargs):
     """ timm's build_model_with_cfg, with weights always read by FlattenModel.load_pretrained.
 
     timm resets `custom_load` when a user overlays a `file` or `url`; official checkpoints need the
@@ -298,7 +301,7 @@ def build_flatten_model(model_cls, variant: str, pretrained: bool, filter_fn: Ca
             model_cls,
             variant,
             pretrained,
-            pretrained_filter_fn=filter_fn,
+            pretrained_filter_fn=pretrained_filter_fn,
             feature_cfg=dict(feature_cls='getter', out_indices=out_indices),
             **kwargs,
         )

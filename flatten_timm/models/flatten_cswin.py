@@ -10,7 +10,7 @@ Focused linear ('L') blocks attend over the whole feature map (the released spli
 map), adding CSWin's LePE; softmax ('S') blocks are CSWin's cross-shaped stripe attention, padded
 and cropped so that any input size works.
 """
-from typing import Sequence, Tuple, Union
+from typing import Dict, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -345,6 +345,8 @@ class FlattenCSWin(FlattenModel):
     def no_weight_decay(self):
         return set()
 
+    def checkpoint_filter(self, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        return checkpoint_filter_fn(state_dict, self)
 
 
 def checkpoint_filter_fn(state_dict, model: FlattenCSWin):
@@ -376,7 +378,8 @@ def checkpoint_filter_fn(state_dict, model: FlattenCSWin):
 
 
 def _create_flatten_cswin(variant: str, pretrained: bool = False, **kwargs) -> FlattenCSWin:
-    return build_flatten_model(FlattenCSWin, variant, pretrained, checkpoint_filter_fn, **kwargs)
+    return build_flatten_model(
+        FlattenCSWin, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 
 
 default_cfgs = generate_default_cfgs({

@@ -8,7 +8,7 @@ Official code: https://github.com/LeapLabTHU/FLatten-Transformer
 Outputs equal the official models; official checkpoints convert on load (`checkpoint_filter_fn`).
 """
 from functools import partial
-from typing import Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -180,6 +180,8 @@ class FlattenPvt(FlattenModel):
     def no_weight_decay(self):
         return {f'stages.{i}.pos_embed' for i in range(len(self.stages))}
 
+    def checkpoint_filter(self, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        return checkpoint_filter_fn(state_dict, self)
 
 
 def convert_official_pvt(state_dict, model):
@@ -209,7 +211,8 @@ def checkpoint_filter_fn(state_dict, model: FlattenPvt):
 
 
 def _create_flatten_pvt(variant: str, pretrained: bool = False, **kwargs) -> FlattenPvt:
-    return build_flatten_model(FlattenPvt, variant, pretrained, checkpoint_filter_fn, **kwargs)
+    return build_flatten_model(
+        FlattenPvt, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 
 
 default_cfgs = generate_default_cfgs({

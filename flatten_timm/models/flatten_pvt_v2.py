@@ -8,7 +8,7 @@ Official code: https://github.com/LeapLabTHU/FLatten-Transformer
 Outputs equal the official models; official checkpoints convert on load (`checkpoint_filter_fn`).
 """
 from functools import partial
-from typing import Sequence, Tuple, Union
+from typing import Dict, Sequence, Tuple, Union
 
 import math
 
@@ -120,6 +120,9 @@ class FlattenPvtV2(FlattenModel):
     def no_weight_decay(self):
         return set()
 
+    def checkpoint_filter(self, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        return checkpoint_filter_fn(state_dict, self)
+
 
 def _init_weights(m: nn.Module):
     """The shared init, plus PVTv2's fan-out normal init of convs."""
@@ -140,7 +143,8 @@ def checkpoint_filter_fn(state_dict, model: FlattenPvtV2):
 
 
 def _create_flatten_pvt_v2(variant: str, pretrained: bool = False, **kwargs) -> FlattenPvtV2:
-    return build_flatten_model(FlattenPvtV2, variant, pretrained, checkpoint_filter_fn, **kwargs)
+    return build_flatten_model(
+        FlattenPvtV2, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 
 
 default_cfgs = generate_default_cfgs({

@@ -10,7 +10,7 @@ Focused linear ('L') blocks use large windows (56 at 224, so the first two stage
 softmax ('S') blocks are the usual shifted 7x7 (12x12 at 384) window attention. Windows are padded
 and cropped, so any input size works.
 """
-from typing import Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -370,6 +370,8 @@ class FlattenSwin(FlattenModel):
     def no_weight_decay(self):
         return {k for k, _ in self.named_parameters() if 'relative_position_bias_table' in k}
 
+    def checkpoint_filter(self, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        return checkpoint_filter_fn(state_dict, self)
 
 
 def checkpoint_filter_fn(state_dict, model: FlattenSwin):
@@ -387,7 +389,8 @@ def checkpoint_filter_fn(state_dict, model: FlattenSwin):
 
 
 def _create_flatten_swin(variant: str, pretrained: bool = False, **kwargs) -> FlattenSwin:
-    return build_flatten_model(FlattenSwin, variant, pretrained, checkpoint_filter_fn, **kwargs)
+    return build_flatten_model(
+        FlattenSwin, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 
 
 default_cfgs = generate_default_cfgs({

@@ -21,7 +21,7 @@ def tiny_deit(**kwargs):
 # ---- the attention against a float64 transcription of the equations ---------------------------------------------
 
 def transcribed_attention(attn: FlattenDeitAttention, x: torch.Tensor, feat_size, num_prefix: int) -> torch.Tensor:
-    """The paper's focused linear attention in float64, written out token by token: every token a query and a key;
+    """The paper's focused linear attention in float64, as an explicit attention matrix: every token a query and a key;
     the key positional encoding on the patch keys; the depthwise conv of V on the patch grid for patch tokens only."""
     x = x.double()
     H, W = feat_size
@@ -40,12 +40,11 @@ def transcribed_attention(attn: FlattenDeitAttention, x: torch.Tensor, feat_size
             dim=-1, keepdim=True)
 
     q, k = phi(q), phi(k)
-    out = torch.zeros_like(v)
-    for h in range(heads):
+    out = torch.empty_like(v)
+    for h in range(heads):  # the N x N attention matrix, which the linear form never builds
         c = slice(h * d, (h + 1) * d)
-        for i in range(N):
-            weights = (k[:, :, c] * q[:, i:i + 1, c]).sum(-1)  # (B, N): phi(q_i) . phi(k_j)
-            out[:, i, c] = (weights.unsqueeze(-1) * v[:, :, c]).sum(1) / (weights.sum(1, keepdim=True) + 1e-6 * N)
+        weights = q[..., c] @ k[..., c].transpose(1, 2)  # (B, N, N): phi(q_i) . phi(k_j)
+        out[..., c] = weights @ v[..., c] / (weights.sum(-1, keepdim=True) + 1e-6 * N)
     # the depthwise conv: one kernel shared by the heads, on each head's channels of the patch tokens' V
     kernel = attn.dwc.weight.double()
     pad = kernel.shape[-1] // 2
@@ -123,7 +122,7 @@ def test_registered_sizes_and_cfgs(name, dims):
 
 def test_pretrained_says_there_are_no_weights():
     with pytest.raises(RuntimeError, match='No pretrained weights exist for flatten_deit_tiny_patch16_224'):
-        timm.create_model('flatten_deit_tiny_patch16_224', pretrained=True)
+        timm.create_model('flatten_deit_tiny_patch16_224', pretrained=True, **TINY_DEIT)
 
 
 def test_tiny_model_at_224():
@@ -163,3 +162,92 @@ def test_bad_input_is_a_clear_error():
 def test_options_without_meaning_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         tiny_deit(**kwargs)
+
+
+# ---- the timm API ------------------------------------------------------------------------------------------------
+
+def test_features_only_and_intermediates():
+    """NCHW maps at stride 16 of every block asked, at a non-square size, equal between features_only,
+    forward_intermediates (maps and tokens) and the blocks' own outputs."""
+    torch.manual_seed(0)
+    model = tiny_deit(depth=3).eval()
+    backbone = tiny_deit(depth=3, features_only=True, out_indices=(0, 2)).eval()
+    backbone.model.load_state_dict(model.state_dict(), strict=False)  # all but the pruned head
+    x = torch.randn(2, 3, 70, 113)
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(x, indices=(0, 2))
+        tokens = model.forward_intermediates(x, indices=(0, 2), output_fmt='NLC', intermediates_only=True,
+                                             return_prefix_tokens=True)
+        features = backbone(x)
+        expected_final = model.forward_features(x)
+    assert backbone.feature_info.reduction() == [16, 16] and backbone.feature_info.channels() == [32, 32]
+    assert [m.shape for m in maps] == [(2, 32, 5, 8)] * 2
+    for m, f, (t, prefix) in zip(maps, features, tokens):
+        torch.testing.assert_close(f, m)
+        torch.testing.assert_close(m.flatten(2).transpose(1, 2), t)
+        assert prefix.shape == (2, 1, 32)
+    torch.testing.assert_close(final, expected_final)
+    with pytest.raises(ValueError, match='output_fmt'):
+        model.forward_intermediates(x, output_fmt='NHWC')
+
+
+def test_set_input_size_and_fixed_size_models():
+    model = tiny_deit(dynamic_img_size=False).eval()
+    with pytest.raises(AssertionError, match="doesn't match"):
+        model(torch.randn(1, 3, 96, 128))
+    model.set_input_size((96, 128))
+    assert model.pos_embed.shape == (1, 1 + 6 * 8, 32)
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 96, 128)).shape == (1, 1000)
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = tiny_deit()
+    x = torch.randn(2, 3, 48, 80)
+    model(x).sum().backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.set_grad_checkpointing()
+    model(x).sum().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[n], msg=n)
+
+
+def test_compile_fullgraph():
+    """One graph, no breaks, equal to eager at a non-square size (aot_eager: the graph, without inductor's build time)."""
+    model = tiny_deit(depth=1).eval()
+    compiled = torch.compile(model, fullgraph=True, backend='aot_eager')
+    x = torch.randn(2, 3, 48, 80)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))
+
+
+def test_fx_feature_extraction():
+    from timm.models import create_feature_extractor
+    model = tiny_deit().eval()
+    extractor = create_feature_extractor(model, return_nodes=['blocks.1', 'head'])
+    x = torch.randn(2, 3, 48, 80)
+    with torch.no_grad():
+        out = extractor(x)
+        torch.testing.assert_close(out['head'], model(x))
+    assert out['blocks.1'].shape == (2, 1 + 3 * 5, 32)
+
+
+@pytest.mark.parametrize('features_only', [False, True], ids=['classifier', 'features_only'])
+def test_dynamic_onnx_at_three_sizes(tmp_path, features_only):
+    """What `flatten-timm export --dynamic` writes: one graph, right at the export size and two non-square sizes
+    that are not multiples of 16 (so the position embedding is resampled and the grid padded in the graph)."""
+    pytest.importorskip('onnxruntime')
+    from flatten_timm.export import check_onnx, export_onnx
+    kwargs = dict(features_only=True, out_indices=(0, 1)) if features_only else {}
+    model = tiny_deit(**kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        path = export_onnx(model, tmp_path / 'deit.onnx', (64, 64), dynamic=True)
+    sizes = [(64, 64), (84, 104), (44, 60)]
+    checks = check_onnx(path, model, sizes, batch_size=2)
+    for check, (H, W) in zip(checks, sizes):
+        assert check.max_abs_diff < 1e-4, check
+        grid = (-(-H // 16), -(-W // 16))
+        assert check.output_shapes == ([(2, 32, *grid)] * 2 if features_only else [(2, 1000)])

@@ -40,6 +40,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 
 from flatten_timm.layers import FocusedLinearAttention, Mlp, focusing_map, linear_attention
 from flatten_timm.layers.fla.dispatch import resolve_attn_impl, run_focused_linear_attention
+from flatten_timm.layers.symbolic_shapes import is_exporting
 from ._convert import fit_state_dict_to_model, unwrap_state_dict
 
 __all__ = ['FlattenDeit', 'FlattenDeitAttention', 'FlattenDeitBlock', 'WarmStart', 'warm_start_from_softmax']
@@ -147,6 +148,23 @@ def check_images(x: torch.Tensor, in_chans: int, min_size: int, name: str):
             f'{x.shape[-2]}x{x.shape[-1]}. Resize or pad the input.')
 
 
+@register_notrace_function  # shape arithmetic: a leaf for torch.fx
+def resample_pos_embed(pos_embed: torch.Tensor, new_size, old_size: Tuple[int, int], num_prefix_tokens: int):
+    """ The (1, P + h*w, C) position embedding resampled to the new_size grid, bicubic (prefix rows kept).
+
+    As timm's resample_abs_pos_embed but without antialiasing, which ONNX's torchscript exporter cannot write,
+    so that eager and exported models agree at every size; and while a graph is recorded the resampling is
+    always in it (an identity at old_size), never a same-size shortcut that would fix the graph's size.
+    """
+    if not is_exporting() and new_size[0] == old_size[0] and new_size[1] == old_size[1]:
+        return pos_embed
+    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    grid = grid.reshape(1, old_size[0], old_size[1], -1).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=new_size, mode='bicubic', align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).flatten(1, 2).to(pos_embed.dtype)
+    return torch.cat([prefix, grid], dim=1) if num_prefix_tokens else grid
+
+
 class FlattenDeit(VisionTransformer):
     """ FLatten-DeiT: timm's VisionTransformer whose blocks attend by focused linear attention.
 
@@ -209,13 +227,12 @@ class FlattenDeit(VisionTransformer):
         return x, feat_size
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
-        # VisionTransformer's, calling the resampling from this module, where torch.fx keeps it a leaf function
+        # VisionTransformer's, with `resample_pos_embed` (exportable at every size; a leaf for torch.fx)
         if not self.dynamic_img_size or self.pos_embed is None:
             return super()._pos_embed(x)
         B, H, W, C = x.shape
-        pos_embed = resample_abs_pos_embed(
-            self.pos_embed, new_size=(H, W), old_size=self.patch_embed.grid_size,
-            num_prefix_tokens=0 if self.no_embed_class else self.num_prefix_tokens)
+        num_prefix_tokens = 0 if self.no_embed_class else self.num_prefix_tokens
+        pos_embed = resample_pos_embed(self.pos_embed, (H, W), self.patch_embed.grid_size, num_prefix_tokens)
         x = x.view(B, -1, C)
         prefix = [t.expand(B, -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
         if self.no_embed_class:

@@ -16,8 +16,8 @@ from timm.models._features import feature_take_indices
 
 from flatten_timm.layers import GridTableResizer, map_to_tokens, tokens_to_map
 
-__all__ = ['FlattenModel', 'PyramidStage', 'build_flatten_model', 'init_weights', 'resolve_stage_args',
-           'stage_drop_path_rates', 'stage_reduction']
+__all__ = ['FlattenModel', 'PyramidStage', 'build_flatten_model', 'init_weights', 'pyramid_stages',
+           'resolve_stage_args', 'stage_drop_path_rates', 'stage_reduction']
 
 
 def resolve_stage_args(name: str, value, num_stages: int) -> tuple:
@@ -97,6 +97,39 @@ class PyramidStage(nn.Module):
             else:
                 x = blk(x, feat_size)
         return tokens_to_map(self.norm(x), feat_size)
+
+
+def pyramid_stages(
+        block_fn: Callable[..., nn.Module],
+        embed_dims: Sequence[int],
+        depths: Sequence[int],
+        img_size: Tuple[int, int],
+        drop_path_rate: float,
+        downsample_fn: Callable[[int, int], nn.Module],
+        stage_args: Dict[str, Sequence],
+        **kwargs,
+) -> List[PyramidStage]:
+    """ The PyramidStages of a four-stage pyramid (PVT, PVTv2, CSWin).
+
+    Stage i runs `depths[i]` blocks of `embed_dims[i]` channels on the training grid of stride
+    stage_reduction(i); stages after the first start with `downsample_fn(in_dim, out_dim)`. `stage_args`
+    gives block arguments one value per stage; `kwargs` go to every stage (PyramidStage's and the blocks').
+    """
+    dpr = stage_drop_path_rates(drop_path_rate, depths)
+    stages = []
+    for i, (dim, depth) in enumerate(zip(embed_dims, depths)):
+        reduction = stage_reduction(i)
+        stages.append(PyramidStage(
+            block_fn,
+            dim,
+            depth=depth,
+            grid_size=(img_size[0] // reduction, img_size[1] // reduction),
+            downsample=None if i == 0 else downsample_fn(embed_dims[i - 1], dim),
+            drop_path=dpr[i],
+            **{name: values[i] for name, values in stage_args.items()},
+            **kwargs,
+        ))
+    return stages
 
 
 def init_weights(m: nn.Module):

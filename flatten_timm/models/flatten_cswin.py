@@ -22,9 +22,7 @@ from flatten_timm.layers import (
     ConvEmbed, FocusedLinearAttention, Linear, Mlp, pad_nhwc, partition_windows, softmax_attention, windows_as_map)
 from flatten_timm.layers.parameter_cache import ParameterCache
 from flatten_timm.layers.symbolic_shapes import is_symbolic, may_pad, size_min, tile_count
-from ._base import (
-    FlattenModel, build_flatten_model, init_weights,
-    PyramidStage, resolve_stage_args, stage_drop_path_rates, stage_reduction)
+from ._base import FlattenModel, build_flatten_model, init_weights, pyramid_stages, resolve_stage_args
 from ._convert import fit_state_dict_to_model, rename_keys, unwrap_state_dict
 from ._pretrained import default_cfg, official_cfg
 
@@ -309,32 +307,29 @@ class FlattenCSWin(FlattenModel):
         self.patch_embed = ConvEmbed(
             in_chans, embed_dim, kernel_size=7, stride=4, padding=2, pad_to_stride=True, **dd)
 
-        dpr = stage_drop_path_rates(drop_path_rate, depths)
-        stages = []
-        for i in range(num_stages):
-            reduction = stage_reduction(i)
-            downsample = None if i == 0 else ConvEmbed(
-                embed_dims[i - 1], embed_dims[i], kernel_size=3, stride=2, padding=1, **dd)
-            stages.append(PyramidStage(
-                FlattenCSWinBlock,
-                embed_dims[i],
-                depth=depths[i],
-                grid_size=(img_size[0] // reduction, img_size[1] // reduction),
-                downsample=downsample,
-                drop_path=dpr[i],
-                norm_layer=norm_layer,
-                num_heads=num_heads[i],
-                split_size=split_size[i],
-                last_stage=i == num_stages - 1,
-                attn_type=attn_type[i],
-                mlp_ratio=mlp_ratios[i],
-                qkv_bias=qkv_bias,
-                focusing_factor=focusing_factor,
-                kernel_size=kernel_size,
-                proj_drop=proj_drop_rate,
-                attn_drop=attn_drop_rate,
-                **dd,
-            ))
+        stages = pyramid_stages(
+            FlattenCSWinBlock,
+            embed_dims,
+            depths,
+            img_size,
+            drop_path_rate,
+            downsample_fn=lambda in_dim, out_dim: ConvEmbed(
+                in_dim, out_dim, kernel_size=3, stride=2, padding=1, **dd),
+            stage_args=dict(
+                num_heads=num_heads,
+                split_size=split_size,
+                last_stage=[i == num_stages - 1 for i in range(num_stages)],
+                attn_type=attn_type,
+                mlp_ratio=mlp_ratios,
+            ),
+            norm_layer=norm_layer,
+            qkv_bias=qkv_bias,
+            focusing_factor=focusing_factor,
+            kernel_size=kernel_size,
+            proj_drop=proj_drop_rate,
+            attn_drop=attn_drop_rate,
+            **dd,
+        )
         self._init_stages(stages, embed_dims)
 
         self.norm = LayerNorm2d(embed_dims[-1], eps=1e-5, **dd)

@@ -17,9 +17,7 @@ from timm.models import generate_default_cfgs, register_model
 
 from flatten_timm.layers import (
     FocusedLinearAttention, Mlp, MlpWithDepthwiseConv, PatchEmbed, SpatialReductionAttention)
-from ._base import (
-    FlattenModel, build_flatten_model, init_weights,
-    PyramidStage, resolve_stage_args, stage_drop_path_rates, stage_reduction)
+from ._base import FlattenModel, build_flatten_model, init_weights, pyramid_stages, resolve_stage_args
 from ._convert import fit_state_dict_to_model, fuse_qkv, rename_keys, unwrap_state_dict
 from ._pretrained import default_cfg, official_cfg
 
@@ -81,6 +79,33 @@ class FlattenPvtBlock(nn.Module):
         return x + self.drop_path2(y)
 
 
+def pvt_block_args(
+        num_stages: int,
+        num_heads: Union[int, Sequence[int]],
+        mlp_ratios: Union[float, Sequence[float]],
+        attn_type: Union[str, Sequence[str]],
+        sr_ratios: Union[int, Sequence[int]],
+        la_sr_ratios: Union[str, Sequence[int]],
+        linear: bool = False,
+) -> Dict[str, tuple]:
+    """ FlattenPvtBlock arguments of PVT and PVTv2, one value per stage: heads, MLP ratio, attention type, and
+    how keys and values are reduced (sr_ratios for softmax stages, la_sr_ratios for focused linear ones, or,
+    in PVTv2's linear mode, pooled to 7x7)."""
+    num_heads = resolve_stage_args('num_heads', num_heads, num_stages)
+    mlp_ratios = resolve_stage_args('mlp_ratios', mlp_ratios, num_stages)
+    attn_type = resolve_stage_args('attn_type', attn_type, num_stages)
+    sr_ratios = resolve_stage_args('sr_ratios', sr_ratios, num_stages)
+    la_sr_ratios = [int(r) for r in resolve_stage_args('la_sr_ratios', la_sr_ratios, num_stages)]
+    return dict(
+        num_heads=num_heads,
+        mlp_ratio=mlp_ratios,
+        attn_type=attn_type,
+        sr_ratio=tuple(1 if linear else (sr if t == 'S' else la_sr)
+                       for t, sr, la_sr in zip(attn_type, sr_ratios, la_sr_ratios)),
+        pool_size=(7 if linear else None,) * num_stages,
+    )
+
+
 class FlattenPvt(FlattenModel):
     """ FLatten-PVT (v1).
 
@@ -121,13 +146,8 @@ class FlattenPvt(FlattenModel):
     ):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        num_stages = len(depths)
-        embed_dims = resolve_stage_args('embed_dims', embed_dims, num_stages)
-        num_heads = resolve_stage_args('num_heads', num_heads, num_stages)
-        mlp_ratios = resolve_stage_args('mlp_ratios', mlp_ratios, num_stages)
-        attn_type = resolve_stage_args('attn_type', attn_type, num_stages)
-        sr_ratios = resolve_stage_args('sr_ratios', sr_ratios, num_stages)
-        la_sr_ratios = [int(r) for r in resolve_stage_args('la_sr_ratios', la_sr_ratios, num_stages)]
+        embed_dims = resolve_stage_args('embed_dims', embed_dims, len(depths))
+        block_args = pvt_block_args(len(depths), num_heads, mlp_ratios, attn_type, sr_ratios, la_sr_ratios)
         img_size = to_2tuple(img_size)
         self._init_common(in_chans, num_classes, global_pool)
 
@@ -135,35 +155,26 @@ class FlattenPvt(FlattenModel):
         self.patch_embed = PatchEmbed(
             img_size=None, patch_size=4, in_chans=in_chans, embed_dim=embed_dims[0], norm_layer=embed_norm,
             flatten=False, output_fmt='NCHW', strict_img_size=False, **dd)
-
-        dpr = stage_drop_path_rates(drop_path_rate, depths)
-        stages = []
-        for i in range(num_stages):
-            reduction = stage_reduction(i)
-            downsample = None if i == 0 else PatchEmbed(
-                img_size=None, patch_size=2, in_chans=embed_dims[i - 1], embed_dim=embed_dims[i],
-                norm_layer=embed_norm, flatten=False, output_fmt='NCHW', strict_img_size=False, **dd)
-            stages.append(PyramidStage(
-                FlattenPvtBlock,
-                embed_dims[i],
-                depth=depths[i],
-                grid_size=(img_size[0] // reduction, img_size[1] // reduction),
-                downsample=downsample,
-                pos_embed=True,
-                drop_rate=drop_rate,
-                drop_path=dpr[i],
-                norm_layer=norm_layer,
-                num_heads=num_heads[i],
-                attn_type=attn_type[i],
-                mlp_ratio=mlp_ratios[i],
-                qkv_bias=qkv_bias,
-                sr_ratio=sr_ratios[i] if attn_type[i] == 'S' else la_sr_ratios[i],
-                focusing_factor=focusing_factor,
-                kernel_size=kernel_size,
-                proj_drop=proj_drop_rate,
-                attn_drop=attn_drop_rate,
-                **dd,
-            ))
+        stages = pyramid_stages(
+            FlattenPvtBlock,
+            embed_dims,
+            depths,
+            img_size,
+            drop_path_rate,
+            downsample_fn=lambda in_dim, out_dim: PatchEmbed(
+                img_size=None, patch_size=2, in_chans=in_dim, embed_dim=out_dim, norm_layer=embed_norm,
+                flatten=False, output_fmt='NCHW', strict_img_size=False, **dd),
+            stage_args=block_args,
+            pos_embed=True,
+            drop_rate=drop_rate,
+            norm_layer=norm_layer,
+            qkv_bias=qkv_bias,
+            focusing_factor=focusing_factor,
+            kernel_size=kernel_size,
+            proj_drop=proj_drop_rate,
+            attn_drop=attn_drop_rate,
+            **dd,
+        )
         self._init_stages(stages, embed_dims)
 
         # the released model pools the last stage without its final norm
@@ -202,8 +213,8 @@ def convert_official_pvt(state_dict, model):
     return fuse_qkv(state_dict, model)
 
 
-def checkpoint_filter_fn(state_dict, model: FlattenPvt):
-    """ Official FLatten-PVT checkpoint (bare or under 'model') -> this layout, resized to the model."""
+def checkpoint_filter_fn(state_dict, model: nn.Module):
+    """ Official FLatten-PVT or FLatten-PVTv2 checkpoint (bare or under 'model') -> this layout, resized to the model."""
     state_dict = unwrap_state_dict(state_dict)
     if 'patch_embed1.proj.weight' in state_dict:
         state_dict = convert_official_pvt(state_dict, model)

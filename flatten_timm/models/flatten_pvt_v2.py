@@ -7,10 +7,9 @@ Papers:
 Official code: https://github.com/LeapLabTHU/FLatten-Transformer
 Outputs equal the official models; official checkpoints convert on load (`checkpoint_filter_fn`).
 """
+import math
 from functools import partial
 from typing import Dict, Sequence, Tuple, Union
-
-import math
 
 import torch
 import torch.nn as nn
@@ -18,12 +17,10 @@ from timm.layers import to_2tuple
 from timm.models import generate_default_cfgs, register_model
 
 from flatten_timm.layers import ConvEmbed
-from ._base import (
-    FlattenModel, build_flatten_model, init_weights,
-    PyramidStage, resolve_stage_args, stage_drop_path_rates, stage_reduction)
-from ._convert import fit_state_dict_to_model, unwrap_state_dict
+from ._base import FlattenModel, build_flatten_model, init_weights, pyramid_stages, resolve_stage_args
 from ._pretrained import default_cfg, official_cfg
-from .flatten_pvt import FlattenPvtBlock, convert_official_pvt
+# PVTv2 runs PVT's block, and its official checkpoints use PVT's key layout
+from .flatten_pvt import FlattenPvtBlock, checkpoint_filter_fn, pvt_block_args
 
 __all__ = ['FlattenPvtV2']
 
@@ -70,46 +67,32 @@ class FlattenPvtV2(FlattenModel):
     ):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        num_stages = len(depths)
-        embed_dims = resolve_stage_args('embed_dims', embed_dims, num_stages)
-        num_heads = resolve_stage_args('num_heads', num_heads, num_stages)
-        mlp_ratios = resolve_stage_args('mlp_ratios', mlp_ratios, num_stages)
-        attn_type = resolve_stage_args('attn_type', attn_type, num_stages)
-        sr_ratios = resolve_stage_args('sr_ratios', sr_ratios, num_stages)
-        la_sr_ratios = [int(r) for r in resolve_stage_args('la_sr_ratios', la_sr_ratios, num_stages)]
+        embed_dims = resolve_stage_args('embed_dims', embed_dims, len(depths))
+        block_args = pvt_block_args(
+            len(depths), num_heads, mlp_ratios, attn_type, sr_ratios, la_sr_ratios, linear=linear)
         img_size = to_2tuple(img_size)
         self._init_common(in_chans, num_classes, global_pool)
 
         self.patch_embed = ConvEmbed(in_chans, embed_dims[0], kernel_size=7, stride=4, padding=3, **dd)
-
-        dpr = stage_drop_path_rates(drop_path_rate, depths)
-        stages = []
-        for i in range(num_stages):
-            reduction = stage_reduction(i)
-            downsample = None if i == 0 else ConvEmbed(
-                embed_dims[i - 1], embed_dims[i], kernel_size=3, stride=2, padding=1, **dd)
-            stages.append(PyramidStage(
-                FlattenPvtBlock,
-                embed_dims[i],
-                depth=depths[i],
-                grid_size=(img_size[0] // reduction, img_size[1] // reduction),
-                downsample=downsample,
-                stage_norm=True,
-                drop_path=dpr[i],
-                norm_layer=norm_layer,
-                num_heads=num_heads[i],
-                attn_type=attn_type[i],
-                mlp_ratio=mlp_ratios[i],
-                qkv_bias=qkv_bias,
-                sr_ratio=1 if linear else (sr_ratios[i] if attn_type[i] == 'S' else la_sr_ratios[i]),
-                pool_size=7 if linear else None,
-                focusing_factor=focusing_factor,
-                kernel_size=kernel_size,
-                mlp_dwconv=True,
-                proj_drop=proj_drop_rate,
-                attn_drop=attn_drop_rate,
-                **dd,
-            ))
+        stages = pyramid_stages(
+            FlattenPvtBlock,
+            embed_dims,
+            depths,
+            img_size,
+            drop_path_rate,
+            downsample_fn=lambda in_dim, out_dim: ConvEmbed(
+                in_dim, out_dim, kernel_size=3, stride=2, padding=1, **dd),
+            stage_args=block_args,
+            stage_norm=True,
+            norm_layer=norm_layer,
+            qkv_bias=qkv_bias,
+            focusing_factor=focusing_factor,
+            kernel_size=kernel_size,
+            mlp_dwconv=True,
+            proj_drop=proj_drop_rate,
+            attn_drop=attn_drop_rate,
+            **dd,
+        )
         self._init_stages(stages, embed_dims)
 
         self.norm = nn.Identity()  # every stage ends in its own norm
@@ -132,14 +115,6 @@ def _init_weights(m: nn.Module):
         nn.init.normal_(m.weight, 0, math.sqrt(2.0 / fan_out))
         if m.bias is not None:
             nn.init.zeros_(m.bias)
-
-
-def checkpoint_filter_fn(state_dict, model: FlattenPvtV2):
-    """ Official FLatten-PVTv2 checkpoint (bare or under 'model') -> this layout, resized to the model."""
-    state_dict = unwrap_state_dict(state_dict)
-    if 'patch_embed1.proj.weight' in state_dict:
-        state_dict = convert_official_pvt(state_dict, model)
-    return fit_state_dict_to_model(state_dict, model)
 
 
 def _create_flatten_pvt_v2(variant: str, pretrained: bool = False, **kwargs) -> FlattenPvtV2:

@@ -251,3 +251,46 @@ def test_dynamic_onnx_at_three_sizes(tmp_path, features_only):
         assert check.max_abs_diff < 1e-4, check
         grid = (-(-H // 16), -(-W // 16))
         assert check.output_shapes == ([(2, 32, *grid)] * 2 if features_only else [(2, 1000)])
+
+
+# ---- warm start from softmax weights ----------------------------------------------------------------------------
+
+def test_warm_start_copies_every_shared_key_and_lists_the_added_ones():
+    torch.manual_seed(0)
+    softmax = timm.create_model('deit_tiny_patch16_224', **TINY_DEIT)
+    model = tiny_deit()
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    report = warm_start_from_softmax(model, softmax)
+
+    added = {f'blocks.{i}.attn.{name}' for i in range(2)
+             for name in ('dwc.weight', 'dwc.bias', 'scale', 'positional_encoding')}
+    assert set(report.added) == added
+    assert set(report.copied) == set(softmax.state_dict()) and not report.resampled and not report.reinitialised
+    state = model.state_dict()
+    for k, v in softmax.state_dict().items():
+        assert torch.equal(state[k], v), k
+    for k in added:  # what focused linear attention adds keeps its fresh initialisation
+        assert torch.equal(state[k], fresh[k]), k
+    # the warm-started model computes with the copied weights (no stale folded projections)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), set_attn_impl(model, 'reference')(x), atol=1e-5, rtol=1e-4)
+
+
+def test_warm_start_resamples_the_grid_and_reports_another_head():
+    softmax = timm.create_model('vit_tiny_patch16_224', **{**TINY_DEIT, 'img_size': 32}, num_classes=10)
+    model = tiny_deit()
+    report = warm_start_from_softmax(model, {'model': softmax.state_dict()})
+    assert report.resampled == ['pos_embed'] and model.pos_embed.shape == (1, 17, 32)
+    assert sorted(report.reinitialised) == ['head.bias', 'head.weight']
+    torch.testing.assert_close(model.pos_embed[:, 0], softmax.pos_embed[:, 0])  # the class token's row
+
+
+@pytest.mark.parametrize('source,match', [
+    ('deit_tiny_distilled_patch16_224', 'distilled'),
+    ('vit_small_patch16_224', 'shape'),
+])
+def test_warm_start_refuses_other_models(source, match):
+    kwargs = dict(TINY_DEIT, embed_dim=64) if 'small' in source else TINY_DEIT
+    with pytest.raises(ValueError, match=match):
+        warm_start_from_softmax(tiny_deit(), timm.create_model(source, **kwargs))

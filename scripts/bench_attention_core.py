@@ -2,7 +2,7 @@
 
 The floor is reading q, k, v and writing the output once at the copy bandwidth measured in the same run
 (a large device-to-device copy). Shapes (batch, tokens, channels, heads) are those of the released
-models' first stages, as in ../shared/PERFORMANCE.md. Needs a CUDA GPU.
+models' first stages (docs/performance.md). Needs a CUDA GPU.
 
     python scripts/bench_attention_core.py [--json core.json]
 """

@@ -1,4 +1,4 @@
-""" FocusedLinearAttention against a literal transcription of the spec (FLATTEN_SPEC.md section 1)."""
+""" FocusedLinearAttention against a literal transcription of the paper's equations (flatten_timm/layers/fla/spec.py)."""
 import pytest
 import torch
 import torch.nn.functional as F

@@ -9,7 +9,7 @@ import torch
 from flatten_timm.models.flatten_cswin import LePEFocusedLinearAttention
 from flatten_timm.zoo import describe_model
 
-# parameters (M) and GMACs of the official models (FLATTEN_SPEC.md section 6)
+# parameters (M) and GMACs of the official models, as the FLatten paper and its repository report them
 SPEC = {
     'flatten_pvt_tiny': (12.15, 2.04), 'flatten_pvt_small': (21.67, 4.03),
     'flatten_pvt_medium': (37.24, 7.04), 'flatten_pvt_large': (50.65, 10.38),

@@ -1,6 +1,8 @@
 """ FLatten-DeiT: the class-token attention against the paper's equations, the models at any size, the timm API,
 compile, ONNX, the warm start from softmax weights and a short training run."""
+import importlib.util
 import warnings
+from pathlib import Path
 
 import pytest
 import timm
@@ -294,3 +296,45 @@ def test_warm_start_refuses_other_models(source, match):
     kwargs = dict(TINY_DEIT, embed_dim=64) if 'small' in source else TINY_DEIT
     with pytest.raises(ValueError, match=match):
         warm_start_from_softmax(tiny_deit(), timm.create_model(source, **kwargs))
+
+
+# ---- recipes -----------------------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _train_script():
+    spec = importlib.util.spec_from_file_location('deit_train', REPO / 'scripts' / 'train.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize('config', sorted((REPO / 'configs' / 'deit').glob('*.yaml')), ids=lambda p: p.stem)
+def test_every_deit_config_builds_its_model_and_optimizer(config):
+    """DeiT's recipe (or the short warm-start fine-tune) builds: model on the meta device, AdamW at lr scaled by
+    the global batch (8 x batch_size = paper_global_batch) / 512, weight decay 0.05, drop path 0.1."""
+    train = _train_script()
+    args = train.parse_args(['--config', str(config), '--data-dir', '/nonexistent'])
+    assert config.stem in (args.model, f'{args.model}_warm_start')
+    assert args.config_metadata['paper_global_batch'] == args.batch_size * 8 == 1024
+    assert (args.opt, args.weight_decay, args.drop_path, args.smoothing, args.mixup, args.cutmix, args.reprob) == (
+        'adamw', 0.05, 0.1, 0.1, 0.8, 1.0, 0.25)
+    assert args.epochs == (30 if config.stem.endswith('_warm_start') else 300)
+    with torch.device('meta'):
+        model = train.build_model(args, num_classes=1000)
+    optimizer, scheduler, num_epochs = train.build_optimizer_and_scheduler(args, model, world_size=8,
+                                                                          updates_per_epoch=10)
+    assert num_epochs == args.epochs + args.cooldown_epochs
+    assert optimizer.param_groups[0]['initial_lr'] == pytest.approx(args.lr * 1024 / 512)
+
+
+def test_initial_checkpoint_loads_through_load_pretrained(tmp_path):
+    """What train.py --initial-checkpoint does: this project's file, trained at another size, fitted to the grid."""
+    from safetensors.torch import save_file
+    trained = tiny_deit(img_size=48)
+    save_file(trained.state_dict(), str(tmp_path / 'w.safetensors'))
+    model = tiny_deit()
+    model.load_pretrained(str(tmp_path / 'w.safetensors'))
+    torch.testing.assert_close(model.blocks[1].attn.qkv.weight, trained.blocks[1].attn.qkv.weight)
+    assert model.pos_embed.shape == (1, 17, 32) and model.blocks[0].attn.positional_encoding.shape == (1, 16, 32)

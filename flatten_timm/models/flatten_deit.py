@@ -19,8 +19,10 @@ The official code releases no DeiT variant, so the choices the paper leaves open
 * Attention dropout has no attention matrix to act on and is refused; so are PatchDropout (it breaks the
   token grid the depthwise conv needs) and qk-norm (not part of the focused kernel).
 * `dynamic_img_size=True` and `dynamic_img_pad=True` by default: the models take any input size, as every
-  flatten_* model does (the position embedding is resampled, the depthwise conv and the key encoding run on the
-  actual grid; a size that is not a multiple of 16 is padded to one, so the grid is ceil(H / 16) x ceil(W / 16)).
+  flatten_* model does (the depthwise conv and the key encoding run on the actual grid; a size that is not a
+  multiple of 16 is padded to one, so the grid is ceil(H / 16) x ceil(W / 16)). The position embedding is
+  resampled bicubically without antialiasing (`resample_pos_embed`): ONNX's torchscript exporter cannot write
+  timm's antialiased resize, and eager and exported models should agree at every size.
 
 No trained weights exist: `pretrained=True` raises timm's error that there are none.
 """
@@ -210,6 +212,14 @@ class FlattenDeit(VisionTransformer):
         super().__init__(img_size=img_size, patch_size=patch_size, dynamic_img_size=dynamic_img_size,
                          dynamic_img_pad=dynamic_img_pad, class_token=class_token, reg_tokens=reg_tokens, block_fn=block_fn, **kwargs)
         self.min_input_size = max(patch)
+
+    @torch.jit.ignore
+    def load_pretrained(self, checkpoint_path: str, prefix: str = ''):
+        """ Load this project's weights from a .pth / .safetensors file (read without running code from it):
+        position tables resampled to the model's grid, a head of another class count left initialised. (timm's
+        VisionTransformer reads JAX .npz files here; `scripts/train.py --initial-checkpoint` calls this.)"""
+        from flatten_timm.checkpoint import load_checkpoint_file, load_weights_into
+        load_weights_into(self, load_checkpoint_file(checkpoint_path), filter_fn=checkpoint_filter_fn)
 
     @torch.jit.ignore
     def no_weight_decay(self):

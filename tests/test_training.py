@@ -1,7 +1,9 @@
 """ scripts/train.py and scripts/validate.py on a tiny generated image folder; configs/ recipes."""
+import argparse
 import csv
 import importlib.util
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 from PIL import Image
 
@@ -182,3 +185,139 @@ def test_aa_none_switches_randaugment_off(image_folder, monkeypatch, tmp_path):
     from timm.data import create_transform
     transform = create_transform(64, is_training=True, auto_augment=None)
     assert not any('RandAugment' in type(t).__name__ for t in transform.transforms)
+
+
+@pytest.fixture
+def tiny_models(monkeypatch):
+    """train.py run in this process builds the narrow test configuration of its model (tests/test_models.py TINY):
+    what these tests check is the script's loop, which runs the same on any width. On one thread, as the runs
+    in a subprocess (a team of threads stalls on a machine busy with other work)."""
+    from test_models import TINY
+    create_model = timm.create_model
+    monkeypatch.setattr(timm, 'create_model', lambda name, **kwargs: create_model(name, **{**TINY[name], **kwargs}))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _assert_same(a, b, what):
+    if isinstance(a, torch.Tensor):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=what)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), what
+        for k in a:
+            _assert_same(a[k], b[k], f'{what}.{k}')
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), what
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f'{what}[{i}]')
+    else:
+        assert a == b, (what, a, b)
+
+
+def test_amp_run_resumed_continues_bit_identically(image_folder, tmp_path, monkeypatch, tiny_models):
+    """--amp (float16): a run resumed from its epoch-0 checkpoint (what a run killed after epoch 0 leaves) ends
+    exactly as the run that went on, its loss scaler's state (the scale, the steps since that last changed) saved
+    with every epoch and restored.
+
+    train.py refuses float16 without a GPU: its channels-last convs take up to a second a call on a CPU. The
+    scaler is the same whatever autocast computes in, so on a CPU the test lifts that one refusal and lets the
+    run's autocast compute in bfloat16 (what --amp-dtype bfloat16 runs, without a scaler)."""
+    train = _load_script(TRAIN)
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if device == 'cpu':
+        check_args, autocast = train.check_args, torch.autocast
+        monkeypatch.setattr(train, 'check_args',
+                            lambda args: check_args(argparse.Namespace(**{**vars(args), 'amp': False})))
+        monkeypatch.setattr(torch, 'autocast', lambda device_type, dtype=None, **kwargs: autocast(
+            device_type, dtype=torch.bfloat16 if dtype == torch.float16 else dtype, **kwargs))
+    epoch0 = tmp_path / 'epoch0.pth.tar'
+    save = train.save_atomically
+
+    def save_and_keep_epoch_0(state, path):
+        save(state, path)
+        if state['epoch'] == 0 and path.endswith('last.pth.tar'):
+            shutil.copy(path, epoch0)
+
+    monkeypatch.setattr(train, 'save_atomically', save_and_keep_epoch_0)
+    args = ['--data-dir', str(image_folder), '--epochs', '2', '--amp', '--amp-dtype', 'float16', '--device', device,
+            '--val-split', '', '--output', str(tmp_path), *TINY_RUN, '-b', '12']  # 24 images: two steps an epoch
+    train.main(args + ['--experiment', 'straight'])
+    stopped = torch.load(epoch0, weights_only=True)
+    assert stopped['epoch'] == 0 and stopped['scaler']['_growth_tracker'] == 2  # two steps: a state to lose
+    train.main(args + ['--experiment', 'resumed', '--resume', str(epoch0)])
+
+    a, b = (torch.load(tmp_path / run / 'last.pth.tar', weights_only=True) for run in ('straight', 'resumed'))
+    assert a['epoch'] == b['epoch'] == 1
+    for key in ('model', 'optimizer', 'scheduler', 'scaler'):
+        _assert_same(a[key], b[key], key)
+
+
+def _recording_starts(train, monkeypatch) -> list:
+    """(epoch, weights, optimizer state entries, lr) where each training epoch starts."""
+    started, train_one_epoch = [], train.train_one_epoch
+
+    def record_start(epoch, model, loader, optimizer, *args, **kwargs):
+        started.append((epoch, {k: v.clone() for k, v in model.state_dict().items()}, len(optimizer.state),
+                        optimizer.param_groups[0]['lr']))
+        return train_one_epoch(epoch, model, loader, optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(train, 'train_one_epoch', record_start)
+    return started
+
+
+def test_accumulated_micro_batches_equal_one_batch(image_folder, tmp_path, monkeypatch, tiny_models):
+    """--grad-accum-steps 2 with -b 8 (two micro-batches of 4 per step) takes the steps one batch of 8 takes, up
+    to float rounding: the same images in the same order, the loss averaged over all 8. SGD (an update linear in
+    the gradient) and no drop path, so that nothing but the accumulation differs."""
+    train = _load_script(TRAIN)
+    started = _recording_starts(train, monkeypatch)
+    args = ['--data-dir', str(image_folder), '--epochs', '1', '--opt', 'sgd', '--drop-path', '0', '--val-split', '',
+            '--output', str(tmp_path), *TINY_RUN, '--lr', '1.0']
+    updates = {}
+    for steps in (1, 2):
+        train.main(args + ['--grad-accum-steps', str(steps), '--experiment', f'accum{steps}'])
+        initial = started[-1][1]
+        weights = torch.load(tmp_path / f'accum{steps}' / 'last.pth.tar', weights_only=True)['model']
+        updates[steps] = torch.cat([(weights[k] - initial[k]).flatten() for k in sorted(initial)
+                                    if initial[k].is_floating_point()])
+    _assert_same(started[0][1], started[1][1], 'initial weights')
+    one, accumulated = updates[1], updates[2]
+    assert one.abs().max() > 1e-2  # the steps did move the weights
+    # 4e-7 here; summing the loss of the micro-batches instead of averaging it gives 0.6, zeroing the gradients
+    # before each micro-batch 0.4
+    error = float((accumulated - one).norm() / one.norm())
+    assert error < 1e-4, error
+
+
+def test_initial_checkpoint_starts_a_fresh_run_from_its_weights(image_folder, tmp_path, monkeypatch, tiny_models):
+    """--initial-checkpoint loads the weights of a checkpoint (of this script here) and nothing else: training
+    starts at epoch 0 with a fresh optimizer and the warm-up of the schedule, not where that run stopped."""
+    train = _load_script(TRAIN)
+    args = ['--data-dir', str(image_folder), '--epochs', '1', '--val-split', '', '--output', str(tmp_path), *TINY_RUN]
+    model = train.build_model(train.parse_args(args), num_classes=3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    # a checkpoint as this script writes it, of a run that went on for 42 epochs
+    optimizer, scheduler, _ = train.build_optimizer_and_scheduler(train.parse_args(args + ['--epochs', '50']), model,
+                                                                  world_size=1, updates_per_epoch=3)
+    model(torch.randn(2, 3, 64, 64)).sum().backward()
+    optimizer.step()
+    scheduler.step(42)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    checkpoint = tmp_path / 'earlier.pth.tar'
+    torch.save({'model': weights, 'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
+                'scaler': None, 'model_ema': None, 'epoch': 41, 'best': 99.0}, checkpoint)
+
+    started = _recording_starts(train, monkeypatch)
+    train.main(args + ['--warmup-epochs', '1', '--warmup-lr', '1e-4', '--initial-checkpoint', str(checkpoint),
+                       '--experiment', 'fine_tune'])
+    assert [epoch for epoch, *_ in started] == [0]  # one epoch, the first: not where the earlier run stopped
+    ((_, start_weights, optimizer_state, lr),) = started
+    assert optimizer_state == 0
+    assert lr == pytest.approx(1e-4 * 8 / 512)  # the warm-up's first learning rate, scaled to the batch
+    _assert_same(weights, start_weights, 'model')
+    rows = list(csv.DictReader(open(tmp_path / 'fine_tune' / 'summary.csv')))
+    assert [int(r['epoch']) for r in rows] == [0]

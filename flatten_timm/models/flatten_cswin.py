@@ -10,7 +10,7 @@ Focused linear ('L') blocks attend over the whole feature map (the released spli
 map), adding CSWin's LePE; softmax ('S') blocks are CSWin's cross-shaped stripe attention, padded
 and cropped so that any input size works.
 """
-from typing import Dict, Sequence, Tuple, Union
+from typing import Dict, List, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -135,11 +135,10 @@ class CrossStripeAttention(nn.Module):
         in the last stripe's softmax, the padded queries are cropped (LePE, a conv within each stripe, sees zeros
         beyond the map either way).
         """
+        if is_symbolic():
+            return self._branch_in_graph(qkv, counts, stripe, lepe, num_heads)
         B, H, W = qkv.shape[:3]
         pad_h, pad_w = counts[0] * stripe[0] - H, counts[1] * stripe[1] - W
-        if is_symbolic():  # sizes may be symbols: pad to whole stripes in the graph, at every size
-            padded = F.pad(qkv, (0, 0, 0, 0, 0, pad_w, 0, pad_h)) if may_pad(pad_h, pad_w) else qkv
-            return self._whole_stripes(padded, counts, stripe, lepe, num_heads).flatten(2, 3)[:, :H, :W]
         if not (pad_h or pad_w):
             return self._whole_stripes(qkv, counts, stripe, lepe, num_heads)
         # stripes span the other axis whole, so only the last stripe is partial: its real queries attend alone,
@@ -152,6 +151,14 @@ class CrossStripeAttention(nn.Module):
         last = self._attend(q_last, pad_nhwc(k_last, pad_h, pad_w), pad_nhwc(v_last, pad_h, pad_w), v_last, lepe,
                             num_heads)
         return torch.cat([out, last], dim=axis)
+
+    def _branch_in_graph(self, qkv, counts: Size, stripe: Size, lepe: nn.Module, num_heads: int) -> torch.Tensor:
+        """`_branch` where sizes may be symbols (export, torch.compile): the map padded to whole stripes in the
+        graph, at every size, and the result cropped."""
+        H, W = qkv.shape[1:3]
+        pad_h, pad_w = counts[0] * stripe[0] - H, counts[1] * stripe[1] - W
+        padded = F.pad(qkv, (0, 0, 0, 0, 0, pad_w, 0, pad_h)) if may_pad(pad_h, pad_w) else qkv
+        return self._whole_stripes(padded, counts, stripe, lepe, num_heads).flatten(2, 3)[:, :H, :W]
 
     def _fits_square_stripes(self, feat_size: Size) -> bool:
         """Whether `_square_stripes` serves a map: two branches, a square map of two or more whole stripes (sizes
@@ -194,6 +201,15 @@ class CrossStripeAttention(nn.Module):
         horizontal = out[..., 1, :].unflatten(2, (n, s)).permute(0, 1, 4, 2, 3, 5)
         return torch.stack([vertical, horizontal], dim=-2).reshape(B, H, W, 2 * c)
 
+    @staticmethod
+    def _join_branches(maps: List[torch.Tensor]) -> torch.Tensor:
+        """The branches' results side by side in channels, from `_branch`'s maps or views of their stripes."""
+        if len(maps) == 1:
+            return maps[0]
+        # the other branch's map viewed in the layout of the first's: the concatenation reorders the vertical
+        # stripes into the map in the same pass
+        return torch.cat([maps[0], maps[1].reshape(maps[0].shape[:-1] + maps[1].shape[-1:])], dim=-1)
+
     def forward(self, x: torch.Tensor, feat_size: Size) -> torch.Tensor:
         B, N, C = x.shape
         H, W = feat_size
@@ -203,13 +219,8 @@ class CrossStripeAttention(nn.Module):
         if self._fits_square_stripes(feat_size):
             x = self._square_stripes(qkv, heads)
         else:
-            maps = [self._branch(qkv[..., b, :], *self.stripes(b, feat_size), self.lepe[b], heads)
-                    for b in range(self.num_branches)]
-            if len(maps) == 2:
-                # the other branch's map viewed in the layout of the first's: the concatenation reorders the
-                # vertical stripes into the map in the same pass
-                maps[1] = maps[1].reshape(maps[0].shape[:-1] + maps[1].shape[-1:])
-            x = maps[0] if len(maps) == 1 else torch.cat(maps, dim=-1)
+            x = self._join_branches([self._branch(qkv[..., b, :], *self.stripes(b, feat_size), self.lepe[b], heads)
+                                     for b in range(self.num_branches)])
         return self.proj_drop(self.proj(x.reshape(B, N, C)))
 
 

@@ -117,19 +117,22 @@ class WindowAttention(nn.Module):
         trunc_normal_(self.relative_position_bias_table, std=.02)
         self._index_cache = LruCache()
 
-    def relative_position_bias(self, window: Size) -> torch.Tensor:
+    def _relative_position_index(self, window: Size) -> torch.Tensor:
+        """Indices into the bias table for a window: the buffer for the trained window; for a smaller one (small
+        feature map), the part of the table it covers, cached per window, or built in the graph where the window
+        may be a symbol (a cache filled in a compiled graph would fail its guards on the next call: a recompile)."""
         if not is_exporting() and tuple(window) == self.window_size:
-            index = self.relative_position_index
-        elif is_symbolic():
-            # the window may be a symbol of the graph, and a cache filled in a compiled graph would fail
-            # its guards on the next call (a recompile): index the table inside the graph
-            index = relative_position_index(window, self.window_size, device=self.relative_position_index.device)
-        else:  # a smaller window (small feature map) reads the part of the table it covers
-            device = self.relative_position_index.device
-            index = self._index_cache.lookup(
-                (tuple(window), device), lambda: relative_position_index(window, self.window_size, device=device))
+            return self.relative_position_index
+        device = self.relative_position_index.device
+        if is_symbolic():
+            return relative_position_index(window, self.window_size, device=device)
+        return self._index_cache.lookup(
+            (tuple(window), device), lambda: relative_position_index(window, self.window_size, device=device))
+
+    def relative_position_bias(self, window: Size) -> torch.Tensor:
         n = window[0] * window[1]
-        return self.relative_position_bias_table[index.reshape(n * n)].reshape(n, n, self.num_heads).permute(2, 0, 1)
+        index = self._relative_position_index(window).reshape(n * n)
+        return self.relative_position_bias_table[index].reshape(n, n, self.num_heads).permute(2, 0, 1)
 
     def forward(self, x: torch.Tensor, window: Size, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         B_, N, C = x.shape
@@ -214,17 +217,32 @@ class FlattenSwinBlock(nn.Module):
         return self._mask_cache.lookup(
             (counts, window, shift, device), lambda: shifted_window_mask(counts, window, shift, device=device))
 
+    def _window_layout(self, feat_size: Size) -> Tuple[Size, Size, Size]:
+        """`window_and_shift`, as fresh size symbols under torch.export (see `_fresh_window_sizes`)."""
+        counts, window, shift = self.window_and_shift(feat_size)
+        if is_torch_exporting():
+            return _fresh_window_sizes(feat_size, counts, window, shift)
+        return counts, window, shift
+
+    @staticmethod
+    def _is_one_window(window: Size, feat_size: Size) -> bool:
+        """Whether one window covers the whole map (attention on it needs no copies). Never while exporting: an
+        exported graph takes the windowed path at every size (the window is a symbol there)."""
+        return not is_exporting() and window == feat_size
+
+    @staticmethod
+    def _is_shifted(shift: Size) -> bool:
+        """Whether the map is rolled by the shift: always while exporting, where the shift is a symbol that may
+        be zero at some sizes."""
+        return is_exporting() or any(shift)
+
     def _attn(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
-        counts, window, shift = self.window_and_shift((H, W))
-        # an exported graph takes the general path at every size (the window and shift are symbols there)
-        exporting = is_exporting()
-        if not exporting and window == (H, W):  # one window over the whole map: no copies
+        counts, window, shift = self._window_layout((H, W))
+        if self._is_one_window(window, (H, W)):
             return self.attn(x.reshape(B, H * W, C), window).reshape(B, H, W, C)
-        if is_torch_exporting():
-            counts, window, shift = _fresh_window_sizes((H, W), counts, window, shift)
-        has_shift = exporting or any(shift)
-        if has_shift:
+        shifted = self._is_shifted(shift)
+        if shifted:
             x = roll_hw(x, shift, back=True)
         x = pad_nhwc(x, counts[0] * window[0] - H, counts[1] * window[1] - W)
 
@@ -234,10 +252,10 @@ class FlattenSwinBlock(nn.Module):
             # as released, linear windows are not masked after the shift
             windows = self.attn(windows, window)
         else:
-            mask = self._shift_mask(counts, window, shift, x.device) if has_shift else None
+            mask = self._shift_mask(counts, window, shift, x.device) if shifted else None
             windows = self.attn(windows, window, mask=mask)
         x = merge_windows(windows.reshape(num_windows, window[0], window[1], C), B, counts, window)[:, :H, :W]
-        if has_shift:
+        if shifted:
             x = roll_hw(x, shift)
         return x
 

@@ -1,8 +1,9 @@
 """ What every flatten_* model shares: input checks and the timm model API over `patch_embed -> stages -> norm`.
 
 A family provides `patch_embed`, `stages` (nn.Sequential; each stage has `grad_checkpointing` and
-`blocks`), `norm`, `head`, `head_drop`, `feature_info`, and sets `output_fmt` to the layout its
-stages pass along ('NCHW' or 'NHWC').
+`blocks`), `norm`, `head`, `head_drop`, `feature_info`, a `checkpoint_filter` method (its module's
+`checkpoint_filter_fn`), and sets `output_fmt` to the layout its stages pass along ('NCHW' or 'NHWC').
+The pyramid families (PVT, PVTv2, CSWin) build their stages with `pyramid_stages`.
 """
 from functools import partial
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union

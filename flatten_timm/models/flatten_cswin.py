@@ -377,7 +377,8 @@ def checkpoint_filter_fn(state_dict, model: FlattenCSWin):
         (r'^stage1_conv_embed\.2\.', 'patch_embed.norm.'),
         (r'^merge(\d)\.conv\.', lambda m: f'stages.{m.group(1)}.downsample.proj.'),
         (r'^merge(\d)\.norm\.', lambda m: f'stages.{m.group(1)}.downsample.norm.'),
-        (r'^stage(\d)\.(\d+)\.(qkv|proj)\.', lambda m: f'stages.{int(m.group(1)) - 1}.blocks.{m.group(2)}.attn.{m.group(3)}.'),
+        (r'^stage(\d)\.(\d+)\.(qkv|proj)\.',
+         lambda m: f'stages.{int(m.group(1)) - 1}.blocks.{m.group(2)}.attn.{m.group(3)}.'),
         (r'^stage(\d)\.', lambda m: f'stages.{int(m.group(1)) - 1}.blocks.'),
     ])
     return fit_state_dict_to_model(state_dict, model)

@@ -214,7 +214,8 @@ def convert_official_pvt(state_dict, model):
 
 
 def checkpoint_filter_fn(state_dict, model: nn.Module):
-    """ Official FLatten-PVT or FLatten-PVTv2 checkpoint (bare or under 'model') -> this layout, resized to the model."""
+    """ Official FLatten-PVT or FLatten-PVTv2 checkpoint (bare or under 'model') -> this layout, resized to
+    the model (both use the same key layout)."""
     state_dict = unwrap_state_dict(state_dict)
     if 'patch_embed1.proj.weight' in state_dict:
         state_dict = convert_official_pvt(state_dict, model)

@@ -6,7 +6,8 @@
     python scripts/deit_warm_start.py --convert init.safetensors --model flatten_deit_tiny_patch16_224 \
         --softmax deit_tiny_patch16_224 [--softmax-checkpoint deit_tiny.pth]
 
-The 8x8 digit images are upsampled to 16x16 and cut into 4x4 patches (a 4x4 grid of tokens and a class token). A tiny softmax ViT
+The 8x8 digit images are upsampled to 16x16 and cut into 4x4 patches (a 4x4 grid of tokens and a class token).
+A tiny softmax ViT
 (timm's VisionTransformer) is trained for --softmax-epochs, converted with `warm_start_from_softmax` and fine-tuned
 for --epochs; the same FLatten-DeiT is trained from scratch for the same --epochs, and for --softmax-epochs +
 --epochs (as many steps as the softmax model and its fine-tune together). Test accuracy over --seeds seeds.
@@ -145,14 +146,16 @@ def main(argv: List[str] = None) -> int:
     results = [run(seed, args.softmax_epochs, args.epochs, data) for seed in args.seeds]
     seconds = time.perf_counter() - start
 
-    print(f'digits (train {len(data[1])}, test {len(data[3])}), {ARCH["img_size"]}x{ARCH["img_size"]}, 4x4 patches, {ARCH["depth"]} blocks of '
+    size = ARCH['img_size']
+    print(f'digits (train {len(data[1])}, test {len(data[3])}), {size}x{size}, 4x4 patches, {ARCH["depth"]} blocks of '
           f'{ARCH["embed_dim"]}; softmax ViT {args.softmax_epochs} epochs, fine-tune / scratch {args.epochs}; '
           f'seeds {args.seeds}; {seconds:.0f} s\n')
     print('| model | ' + ' | '.join(f'seed {s}' for s in args.seeds) + ' | mean |')
     print('|---|' + '---|' * (len(args.seeds) + 1))
     for name in results[0]:
         values = [r[name] for r in results]
-        print(f'| {name} | ' + ' | '.join(f'{100 * v:.1f}' for v in values) + f' | {100 * statistics.mean(values):.1f} |')
+        cells = ' | '.join(f'{100 * v:.1f}' for v in values)
+        print(f'| {name} | {cells} | {100 * statistics.mean(values):.1f} |')
     if args.json:
         Path(args.json).write_text(json.dumps(dict(
             arch=ARCH, softmax_epochs=args.softmax_epochs, epochs=args.epochs, seeds=args.seeds, seconds=seconds,

@@ -84,7 +84,8 @@ def test_attention_matches_the_equations(impl, feat_size, num_prefix):
     got = torch.autograd.grad(out, params, grad)
     want = torch.autograd.grad(expected, params, grad.double())
     for (name, _), g, w in zip([('x', x)] + list(attn.named_parameters()), got, want):
-        torch.testing.assert_close(g.double(), w.double(), atol=5e-5, rtol=1e-3, msg=lambda m: f"gradient of {name}: {m}")
+        torch.testing.assert_close(g.double(), w.double(), atol=5e-5, rtol=1e-3,
+                                   msg=lambda m: f'gradient of {name}: {m}')
 
     with torch.no_grad():  # the inference path (in-place, scratch buffers)
         torch.testing.assert_close(attn(x, feat_size).double(), expected, atol=2e-5, rtol=1e-4)
@@ -217,7 +218,7 @@ def test_grad_checkpointing_gives_the_same_gradients():
 
 
 def test_compile_fullgraph():
-    """One graph, no breaks, equal to eager at a non-square size (aot_eager: the graph, without inductor's build time)."""
+    """One graph, no breaks, equal to eager at a non-square size (aot_eager: the graph, not inductor's build)."""
     model = tiny_deit(depth=1).eval()
     compiled = torch.compile(model, fullgraph=True, backend='aot_eager')
     x = torch.randn(2, 3, 48, 80)

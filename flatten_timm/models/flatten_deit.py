@@ -210,7 +210,8 @@ class FlattenDeit(VisionTransformer):
             focusing_factor=focusing_factor, kernel_size=kernel_size, attn_impl=attn_impl)
         kwargs.setdefault('mlp_layer', Mlp)  # timm's Mlp with a fused CPU inference path, same state dict
         super().__init__(img_size=img_size, patch_size=patch_size, dynamic_img_size=dynamic_img_size,
-                         dynamic_img_pad=dynamic_img_pad, class_token=class_token, reg_tokens=reg_tokens, block_fn=block_fn, **kwargs)
+                         dynamic_img_pad=dynamic_img_pad, class_token=class_token, reg_tokens=reg_tokens,
+                         block_fn=block_fn, **kwargs)
         self.min_input_size = max(patch)
 
     @torch.jit.ignore

@@ -1,4 +1,5 @@
-""" Ultralytics: the configs/yolo YAMLs build at every scale, train one epoch, reload in a fresh process."""
+""" Ultralytics: the packaged YAMLs (flatten_timm/configs/yolo) build at every scale with the heads they ask,
+train one epoch, reload in a fresh process."""
 import copy
 import os
 import shutil
@@ -16,7 +17,7 @@ from flatten_timm.detection import C2fFocusedAttention  # noqa: E402
 from flatten_timm.integrations import ultralytics as flatten_ultralytics  # noqa: E402
 from flatten_timm.layers import FocusedLinearAttention2d  # noqa: E402
 
-CONFIGS = Path(__file__).resolve().parents[1] / 'configs' / 'yolo'
+CONFIGS = flatten_ultralytics.yaml_path('yolov8-fla-p5.yaml').parent  # the YAMLs the package ships
 WIDTH = {  # scale -> (depth, width, max_channels), as in the YAMLs
     'yolov8': {'n': (0.33, 0.25, 1024), 's': (0.33, 0.50, 1024), 'm': (0.67, 0.75, 768)},
     'yolo11': {'n': (0.50, 0.25, 1024), 's': (0.50, 0.50, 1024), 'm': (0.50, 1.00, 512)},
@@ -29,7 +30,7 @@ def registered():
 
 
 def _build(model_cls, name: str):
-    """model_cls('<name>.yaml') of configs/yolo, the scale letter in the name (yolov8n-fla-p5 is yolov8-fla-p5
+    """model_cls('<name>.yaml') of the packaged YAMLs, the scale letter in the name (yolov8n-fla-p5 is yolov8-fla-p5
     at scale n). Ultralytics finds that letter with a regex over the whole path, which a folder such as
     /tmp/tmp.i2Kw2mqd also matches: the model is built from the bare file name, in the YAMLs' folder."""
     cwd = os.getcwd()

@@ -16,6 +16,15 @@ from flatten_timm.models.flatten_deit import FlattenDeitAttention, warm_start_fr
 TINY_DEIT = dict(embed_dim=32, depth=2, num_heads=2, img_size=64)
 
 
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    """One CPU thread: tiny models' ops are too small to share, and on a busy machine threads wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_deit(**kwargs):
     return timm.create_model('flatten_deit_tiny_patch16_224', **{**TINY_DEIT, **kwargs})
 
@@ -343,16 +352,7 @@ def test_initial_checkpoint_loads_through_load_pretrained(tmp_path):
 
 # ---- training ----------------------------------------------------------------------------------------------------
 
-@pytest.fixture
-def one_thread():
-    """One CPU thread: a tiny model's steps are too small to share, and a busy machine makes threads wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_digits_training_learns(one_thread):
+def test_digits_training_learns():
     """A tiny FLatten-DeiT trained 3 epochs on scikit-learn's digits (16x16, 4x4 patches) is far above chance on
     the held-out quarter: the class token reads the patches through focused linear attention."""
     pytest.importorskip('sklearn')

@@ -241,7 +241,7 @@ def _load_script(name: str):
     """scripts/<name>.py as a module."""
     import importlib.util
     from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / 'scripts' / f'{name}.py'
+    path = Path(__file__).resolve().parents[1] / 'scripts' / 'bench' / f'{name}.py'
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -249,12 +249,12 @@ def _load_script(name: str):
 
 
 def test_profile_script_reports_every_model(tmp_path):
-    """scripts/profile_models.py (run by the GPU check): a table and JSON of the parts, the top ops, the step's
+    """scripts/bench/profile_models.py (run by the GPU check): a table and JSON of the parts, the top ops, the step's
     wall and issue times, and a model that fails is reported without stopping the others."""
     import subprocess
     import sys
     from pathlib import Path
-    script = Path(__file__).resolve().parents[1] / 'scripts' / 'profile_models.py'
+    script = Path(__file__).resolve().parents[1] / 'scripts' / 'bench' / 'profile_models.py'
     out = tmp_path / 'profile.json'
     run = subprocess.run(
         [sys.executable, str(script), 'flatten_pvt_v2_b0', 'no_such_model', '--img-size', '64', '-b', '1',
@@ -337,12 +337,12 @@ def test_profile_charges_each_part_its_time(monkeypatch, one_thread):
 
 @pytest.fixture(scope='module')
 def count_ops():
-    """scripts/count_ops.py as a module."""
+    """scripts/bench/count_ops.py as a module."""
     return _load_script('count_ops')
 
 
 def test_inference_on_the_gpu_code_path_launches_no_per_call_parameter_ops(count_ops):
-    """scripts/count_ops.py on FLatten-PVTv2-b0: after the first call, inference runs no op that only derives
+    """scripts/bench/count_ops.py on FLatten-PVTv2-b0: after the first call, inference runs no op that only derives
     values from the parameters (the softplus of the scale, the repeats of the folded weights and kernels), and
     its op count (a GPU's launches) stays where this work brought it (236 here; 300 before q and k were focused
     in the same passes, 508 before the parameter cache)."""
@@ -360,7 +360,7 @@ def test_cswin_launches_few_ops_per_forward(count_ops):
 
 
 def test_training_keeps_about_what_its_softmax_peer_keeps(count_ops):
-    """The bytes a bf16 training forward keeps for backward per image (scripts/count_ops.py --training): at 64 px
+    """The bytes a bf16 training forward keeps for backward per image (scripts/bench/count_ops.py --training): at 64 px
     FLatten-PVTv2-b0 keeps 1.05x what pvt_v2_b0 keeps (it has full-size keys and values where the peer reduces
     them); 1.28x before its attention kept only q, k and v."""
     flatten = count_ops.kept_for_backward_per_image('flatten_pvt_v2_b0', 64)

@@ -6,7 +6,7 @@ kernel's device time is charged to the part that launched it; `other` is what ru
 adds, reshapes between parts, the head). On a CPU the times are the ops' CPU times. Beside them, a step's wall
 time without the profiler and the host's time to issue it: on a GPU, whether the host or the GPU sets the pace.
 
-    python scripts/profile_models.py flatten_pvt_v2_b0 pvt_v2_b0 --img-size 224 -b 128 --dtype bf16 --device cuda
+    python scripts/bench/profile_models.py flatten_pvt_v2_b0 pvt_v2_b0 --img-size 224 -b 128 --dtype bf16 --device cuda
 """
 import argparse
 import json

@@ -7,7 +7,7 @@ launches and memory traffic, so fewer ops and bytes there mean a faster GPU forw
 With --training, also the bytes a bf16 training forward keeps for backward, per image (what grows with the
 batch: the activations that set a training step's peak memory).
 
-    python scripts/count_ops.py flatten_pvt_v2_b0 pvt_v2_b0 [--img-size 224] [-b 8] [--top 12] [--training]
+    python scripts/bench/count_ops.py flatten_pvt_v2_b0 pvt_v2_b0 [--img-size 224] [-b 8] [--top 12] [--training]
 """
 import argparse
 import collections

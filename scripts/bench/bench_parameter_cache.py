@@ -4,7 +4,7 @@ The layers keep what they compute from their parameters (folded projections, sum
 scaled key encoding) between inference calls; here the same modules run with the cache on and off in
 turns (median of the medians of `--rounds` rounds), on small maps where that per-call work shows most.
 
-    python scripts/bench_parameter_cache.py [--rounds 7]
+    python scripts/bench/bench_parameter_cache.py [--rounds 7]
 """
 import argparse
 import statistics

@@ -4,7 +4,7 @@ The floor is reading q, k, v and writing the output once at the copy bandwidth m
 (a large device-to-device copy). Shapes (batch, tokens, channels, heads) are those of the released
 models' first stages (docs/performance.md). Needs a CUDA GPU.
 
-    python scripts/bench_attention_core.py [--json core.json]
+    python scripts/bench/bench_attention_core.py [--json core.json]
 """
 import argparse
 import json

@@ -6,12 +6,12 @@
 # and 896 px batch 8 (bf16 and fp32 eager), and profiles bf16 inference per part of the models. Every
 # section has its own time limit and the whole run stays under 8 minutes; what finished is always reported.
 #
-#   scripts/gpu_check.sh OUT_DIR [--official-repo PATH_TO_FLatten-Transformer]
+#   scripts/bench/gpu_check.sh OUT_DIR [--official-repo PATH_TO_FLatten-Transformer]
 #
 # Writes OUT_DIR/summary.md (all tables), OUT_DIR/models.json (every measurement), OUT_DIR/core.json,
 # OUT_DIR/profile.json and OUT_DIR/log.txt.
 set -uo pipefail
-out=${1:?usage: scripts/gpu_check.sh OUT_DIR [--official-repo PATH]}
+out=${1:?usage: scripts/bench/gpu_check.sh OUT_DIR [--official-repo PATH]}
 shift
 official=()
 while [ $# -gt 0 ]; do
@@ -22,7 +22,7 @@ while [ $# -gt 0 ]; do
 done
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python3}
 export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
 start=$SECONDS
@@ -50,14 +50,14 @@ fi
 } 2>&1 | tee -a "$log"
 
 section "Triton kernel tests on CUDA" 120 $PY -m pytest -q -p no:cacheprovider tests/test_fla_kernels.py
-section "attention core" 60 $PY scripts/bench_attention_core.py --json "$out/core.json"
+section "attention core" 60 $PY scripts/bench/bench_attention_core.py --json "$out/core.json"
 
 pairs=(flatten_pvt_v2_b0 flatten_pvt_tiny flatten_swin_tiny_patch4_224 flatten_cswin_tiny_224)
 bench=($PY -m flatten_timm.cli bench --models "${pairs[@]}" --device cuda --warmup 3 --repeats 10)
 section "224 bf16 eager inference" 90 \
   "${bench[@]}" --img-size 224 -b 128 --dtype bf16 --mode infer "${official[@]}" --json "$out/m1.json"
 # where the time goes, per part and kernel, in the pairs that trail their peers (and FLatten-Swin-T, which does not)
-section "224 bf16 inference profile" 60 $PY scripts/profile_models.py flatten_pvt_v2_b0 pvt_v2_b0 flatten_pvt_tiny \
+section "224 bf16 inference profile" 60 $PY scripts/bench/profile_models.py flatten_pvt_v2_b0 pvt_v2_b0 flatten_pvt_tiny \
   pvt_v2_b1 flatten_cswin_tiny_224 flatten_swin_tiny_patch4_224 swin_tiny_patch4_window7_224 --img-size 224 -b 128 \
   --dtype bf16 --device cuda --json "$out/profile.json"
 section "224 bf16 training step" 80 \
@@ -89,7 +89,7 @@ EOF
   sed -n '/^copy bandwidth/,/^##/p' "$log" | grep -E '^(copy|\|)'
   echo
   echo '## Whole models (images/s; "vs" = FLatten / other, higher is better for FLatten)'
-  $PY scripts/gpu_report.py "$out/models.md" "$out/models.json" > /dev/null && cat "$out/models.md"
+  $PY scripts/bench/gpu_report.py "$out/models.md" "$out/models.json" > /dev/null && cat "$out/models.md"
   echo
   echo '## Where the time goes (224, batch 128, bf16 inference)'
   sed -n '/^ms per step/,/^## 224 bf16 inference profile: exit/p' "$log" | grep -v '^## '

@@ -1,7 +1,7 @@
 """ Merge `flatten-timm bench --json` files into one Markdown table of ratios: FLatten against its timm
 softmax peer and the official code, per size, dtype and mode (higher is better for FLatten).
 
-    python scripts/gpu_report.py OUT.md run1.json run2.json ...
+    python scripts/bench/gpu_report.py OUT.md run1.json run2.json ...
 """
 import json
 import sys

@@ -350,6 +350,23 @@ def test_initial_checkpoint_loads_through_load_pretrained(tmp_path):
     assert model.pos_embed.shape == (1, 17, 32) and model.blocks[0].attn.positional_encoding.shape == (1, 16, 32)
 
 
+def test_checkpoint_of_the_commands(tmp_path):
+    """The flatten-timm commands' --checkpoint path: the model takes the file's class count and weights."""
+    from safetensors.torch import save_file
+    from flatten_timm.checkpoint import CheckpointError, create_model_from_checkpoint
+    trained = tiny_deit(num_classes=3).eval()
+    save_file(trained.state_dict(), str(tmp_path / 'w.safetensors'))
+    model = create_model_from_checkpoint('flatten_deit_tiny_patch16_224', str(tmp_path / 'w.safetensors'),
+                                         **TINY_DEIT).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), trained(x))
+    save_file(tiny_deit(depth=1).state_dict(), str(tmp_path / 'other.safetensors'))
+    with pytest.raises(CheckpointError, match='missing keys'):
+        create_model_from_checkpoint('flatten_deit_tiny_patch16_224', str(tmp_path / 'other.safetensors'),
+                                     **TINY_DEIT)
+
+
 # ---- training ----------------------------------------------------------------------------------------------------
 
 def test_digits_training_learns():

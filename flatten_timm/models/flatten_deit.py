@@ -219,8 +219,15 @@ class FlattenDeit(VisionTransformer):
         """ Load this project's weights from a .pth / .safetensors file (read without running code from it):
         position tables resampled to the model's grid, a head of another class count left initialised. (timm's
         VisionTransformer reads JAX .npz files here; `scripts/train.py --initial-checkpoint` calls this.)"""
-        from flatten_timm.checkpoint import load_checkpoint_file, load_weights_into
-        load_weights_into(self, load_checkpoint_file(checkpoint_path), filter_fn=checkpoint_filter_fn)
+        from flatten_timm.checkpoint import load_checkpoint_file
+        self.load_weights(load_checkpoint_file(checkpoint_path))
+
+    def load_weights(self, state_dict: Dict[str, torch.Tensor]):
+        """ Load this project's state dict, as the other flatten_* models do (the flatten-timm commands'
+        --checkpoint): position tables resampled to the model's grid, a head of another class count left
+        initialised, another architecture refused with the mismatches named."""
+        from flatten_timm.checkpoint import load_weights_into
+        load_weights_into(self, state_dict, filter_fn=checkpoint_filter_fn)
 
     @torch.jit.ignore
     def no_weight_decay(self):

@@ -138,12 +138,15 @@ def main(argv: List[str] = None) -> int:
         return convert(args.convert, args.model, args.softmax, args.softmax_checkpoint)
     if args.threads:
         torch.set_num_threads(args.threads)
-    # keys whose ReLU is zero in every channel sit at the kernel's 1e-6 floor, whose powers in the focusing
-    # function's backward fall below float32's normal range: subnormal arithmetic is many times slower on a CPU
+    # this model's training steps produce subnormal float32 values, whose arithmetic is slow on a CPU (steps were
+    # 3-5x slower here without flushing them); they change no figure of the experiment beyond noise
     torch.set_flush_denormal(True)
     data = digits(ARCH['img_size'])
     start = time.perf_counter()
-    results = [run(seed, args.softmax_epochs, args.epochs, data) for seed in args.seeds]
+    results = []
+    for seed in args.seeds:
+        results.append(run(seed, args.softmax_epochs, args.epochs, data))
+        print(f'seed {seed} done ({time.perf_counter() - start:.0f} s): {results[-1]}', file=sys.stderr, flush=True)
     seconds = time.perf_counter() - start
 
     size = ARCH['img_size']

@@ -13,7 +13,7 @@ The official code releases no DeiT variant, so the choices the paper leaves open
   resized to the actual patch grid), added to the patch tokens' keys; the class token's key gets none. ViT's
   absolute position embedding is kept as well: FLatten-PVT has both too. The ReLU kernel with focusing
   sharpens the attention but has no notion of distance of its own, and the encoding costs one add per key
-  (0.45 M parameters in the tiny model, 8%).
+  (0.45 M parameters in the tiny model, 7% of them).
 * The blocks are timm's own ViT blocks (norms, MLP, layer scale, drop path); only the attention is replaced,
   so a softmax DeiT / ViT of the same size shares every other weight (`warm_start_from_softmax`).
 * Attention dropout has no attention matrix to act on and is refused; so are PatchDropout (it breaks the

@@ -298,9 +298,6 @@ def test_torch_path_outputs_equal_the_spec_in_float64(case, autograd, overwrite)
     check_against_spec(case, 'torch', autograd, overwrite=overwrite, gradients=False)
 
 
-@pytest.mark.xfail(strict=True, reason="the torch path's backward rounds float64 to float32 (its .float() casts, "
-                                       "meant to lift half precision): gradients off by ~1e-8 relative, and by up to "
-                                       "13% where the math is ill-conditioned")
 @settings(PROPERTY, max_examples=10, phases=[Phase.generate])  # no shrinking: every example shows it
 @given(case=cases(dtypes=[torch.float64]), floor_grad=st.booleans())
 def test_torch_path_gradients_equal_the_spec_in_float64(case, floor_grad):

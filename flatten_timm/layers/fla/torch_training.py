@@ -54,14 +54,14 @@ def _maps_backward(q, keys, v, floor, grad, p: float, num_heads: int, block_diag
         maps = FocusingKernel(torch.stack([q, keys], dim=2), floor, p)  # (B, N, 2, C)
         q_phi, k_phi = maps.phi(v.dtype).unbind(2)
         du, dk_phi, dv = attention_backward(q_phi, k_phi, v, n * 1e-6, grad, num_heads)
-        dphi = torch.stack([du, dk_phi], dim=2).float()
+        dphi = torch.stack([du, dk_phi], dim=2).to(floor.dtype)  # the maps' precision: float32 or wider
         dx, dfloor = maps.through_max(maps.backward(dphi), q.dtype, floor_grad)
         dq, dk = dx.unbind(2)
         return dq, dk, dv, dfloor
     queries, keys = FocusingKernel(q, floor, p), FocusingKernel(keys, floor, p)
     du, dk_phi, dv = attention_backward(queries.phi(v.dtype), keys.phi(v.dtype), v, n * 1e-6, grad, num_heads)
-    dq, dfloor_q = queries.through_max(queries.backward(du.float()), q.dtype, floor_grad)
-    dk, dfloor_k = keys.through_max(keys.backward(dk_phi.float()), q.dtype, floor_grad)
+    dq, dfloor_q = queries.through_max(queries.backward(du.to(floor.dtype)), q.dtype, floor_grad)
+    dk, dfloor_k = keys.through_max(keys.backward(dk_phi.to(floor.dtype)), q.dtype, floor_grad)
     return dq, dk, dv, dfloor_q + dfloor_k if floor_grad else None
 
 
@@ -109,7 +109,7 @@ def _attention_backward_per_head(u, k_phi, v, eps, grad, num_heads: int):
         u_i, k_i, v_i, grad_i = u[..., cols], k_phi[..., cols], v[..., cols], grad[..., cols]
         # the forward's [k_phi^T v | sum k_phi] and [numerator | normaliser] again
         kv = torch.cat([torch.bmm(k_i.transpose(1, 2), v_i), k_i.sum(1).unsqueeze(-1)], dim=-1)
-        out = torch.bmm(u_i, kv).float()
+        out = torch.bmm(u_i, kv).to(torch.promote_types(u.dtype, torch.float32))
         normaliser = out[..., d:] + eps
         # [dnumerator | dnormaliser], in v's dtype for the matmuls below
         dout = u.new_empty(B, N, d + 1)
@@ -130,7 +130,7 @@ def _attention_backward_block_diagonal(u, k_phi, v, eps, grad, num_heads: int):
     B, N, C = u.shape
     H = num_heads
     state = head_state(k_phi, v, H)
-    out = torch.bmm(u, state).float()
+    out = torch.bmm(u, state).to(torch.promote_types(u.dtype, torch.float32))
     normaliser = (out[..., C:] + eps).unsqueeze(-1)
     grad_heads = grad.unflatten(-1, (H, -1))
     # [dnumerator | dnormaliser], in v's dtype for the matmuls below

@@ -1,4 +1,4 @@
-""" FocusedLinearAttention against a literal transcription of the paper's equations (flatten_timm/layers/fla/spec.py)."""
+""" FocusedLinearAttention against a literal transcription of the paper's equations (layers/fla/spec.py)."""
 import pytest
 import torch
 import torch.nn.functional as F

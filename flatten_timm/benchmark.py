@@ -43,6 +43,7 @@ SOFTMAX_PEERS = {
     'flatten_cswin_tiny_224': 'swin_tiny_patch4_window7_224',
     'flatten_cswin_small_224': 'swin_small_patch4_window7_224',
     'flatten_cswin_base_224': 'swin_base_patch4_window7_224', 'flatten_cswin_base_384': 'swin_base_patch4_window12_384',
+    **{f'flatten_deit_{size}_patch16_224': f'deit_{size}_patch16_224' for size in ('tiny', 'small', 'base')},
 }
 
 # how the official code builds the released layouts: (file, factory, kwargs of its configs)
@@ -136,6 +137,8 @@ def _build(model_name: str, kind: str, img_size: Size, official_repo: Optional[s
     kwargs = {'features_only': True} if features_only else {}
     if kind == 'softmax peer' and 'swin' in model_name:
         kwargs['img_size'] = img_size  # timm's Swin fixes its window layout at construction
+    if kind == 'softmax peer' and model_name.startswith('deit_'):
+        kwargs['dynamic_img_size'] = True  # as FLatten-DeiT: any size, the position embedding resampled
     return timm.create_model(model_name, **kwargs)
 
 

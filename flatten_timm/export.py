@@ -55,7 +55,7 @@ def _check_size(model: nn.Module, img_size: Size, what: str):
     min_size = model_min_input_size(model)
     if len(img_size) != 2 or min(img_size) < min_size:
         raise ExportError(f'{what} {"x".join(map(str, img_size))} is too small: the model needs at least '
-                          f'{min_size}x{min_size} pixels (it downsamples by 32)')
+                          f'{min_size}x{min_size} pixels (its coarsest stride)')
 
 
 # third-party loggers that report routine steps of an export as warnings (onnxscript's optimizer warns once

@@ -145,8 +145,8 @@ def init_weights(m: nn.Module):
 
 
 @register_notrace_function  # checks on shapes: a leaf for torch.fx, as timm does with its own
-def prepare_images(x: torch.Tensor, in_chans: int, min_size: int, name: str) -> torch.Tensor:
-    """A clear error for input the model cannot take, else the batch in channels_last memory."""
+def check_images(x: torch.Tensor, in_chans: int, min_size: int, name: str, why: str = 'it downsamples by 32'):
+    """A clear error for input the model cannot take; `why` says where its smallest size comes from."""
     if x.ndim != 4:
         raise ValueError(
             f'{name} expects a batch of images shaped (batch, channels, height, width); got a tensor of '
@@ -158,8 +158,14 @@ def prepare_images(x: torch.Tensor, in_chans: int, min_size: int, name: str) -> 
             f'in_chans={x.shape[1]}.')
     if min(x.shape[-2:]) < min_size:
         raise ValueError(
-            f'{name} needs images of at least {min_size}x{min_size} pixels (it '
-            f'downsamples by 32); got {x.shape[-2]}x{x.shape[-1]}. Resize or pad the input.')
+            f'{name} needs images of at least {min_size}x{min_size} pixels ({why}); got '
+            f'{x.shape[-2]}x{x.shape[-1]}. Resize or pad the input.')
+
+
+@register_notrace_function
+def prepare_images(x: torch.Tensor, in_chans: int, min_size: int, name: str) -> torch.Tensor:
+    """`check_images`, then the batch in channels_last memory."""
+    check_images(x, in_chans, min_size, name)
     # channels_last from the stem on: token layouts are NHWC, so every conv (embeddings, depthwise convs)
     # then reads and writes its map in place, and convs run several times faster than on NCHW on CPU
     return x.contiguous(memory_format=torch.channels_last)

@@ -43,6 +43,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from flatten_timm.layers import FocusedLinearAttention, Mlp, focusing_map, linear_attention
 from flatten_timm.layers.fla.dispatch import resolve_attn_impl, run_focused_linear_attention
 from flatten_timm.layers.symbolic_shapes import is_exporting
+from ._base import check_images
 from ._convert import fit_state_dict_to_model, unwrap_state_dict
 
 __all__ = ['FlattenDeit', 'FlattenDeitAttention', 'FlattenDeitBlock', 'WarmStart', 'warm_start_from_softmax']
@@ -133,23 +134,6 @@ class FlattenDeitBlock(Block):
         return x
 
 
-@register_notrace_function  # checks on shapes: a leaf for torch.fx (which wraps no _names)
-def check_images(x: torch.Tensor, in_chans: int, min_size: int, name: str):
-    """A clear error for input the model cannot take."""
-    if x.ndim != 4:
-        raise ValueError(
-            f'{name} expects a batch of images shaped (batch, channels, height, width); got a tensor of shape '
-            f'{tuple(x.shape)}. Add a batch dimension with x.unsqueeze(0) for a single image.')
-    if x.shape[1] != in_chans:
-        raise ValueError(
-            f'{name} expects {in_chans} input channels but got {x.shape[1]} (input shape {tuple(x.shape)}). '
-            f'Convert the images to {in_chans} channels, or create the model with in_chans={x.shape[1]}.')
-    if min(x.shape[-2:]) < min_size:
-        raise ValueError(
-            f'{name} needs images of at least {min_size}x{min_size} pixels (one patch); got '
-            f'{x.shape[-2]}x{x.shape[-1]}. Resize or pad the input.')
-
-
 @register_notrace_function  # shape arithmetic: a leaf for torch.fx
 def resample_pos_embed(pos_embed: torch.Tensor, new_size, old_size: Tuple[int, int], num_prefix_tokens: int):
     """ The (1, P + h*w, C) position embedding resampled to the new_size grid, bicubic (prefix rows kept).
@@ -237,7 +221,7 @@ class FlattenDeit(VisionTransformer):
 
     def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
         """Images -> tokens (prefix tokens first, position embedding added) and the patch grid."""
-        check_images(x, self.in_chans, self.min_input_size, type(self).__name__)
+        check_images(x, self.in_chans, self.min_input_size, type(self).__name__, why='one patch')
         x = self.patch_embed(x)
         # a dynamic-size embedding returns the (B, H, W, C) grid, a fixed-size one the tokens of its own grid
         feat_size = (x.shape[1], x.shape[2]) if self.dynamic_img_size else self.patch_embed.grid_size

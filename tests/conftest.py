@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -32,6 +33,15 @@ FAMILY_MODEL = {
 KWARG_RENAMES = {'depth': 'depths', 'mlp_ratio': 'mlp_ratios'}
 # fixed by the architecture here (patch size, norm eps), or implied (CSWin linear blocks span the whole map)
 KWARGS_NOT_OURS = {'patch_size', 'norm_layer', 'la_split_size'}
+
+
+def load_script(path) -> object:
+    """A script of the repository (a path relative to its root, e.g. 'scripts/train.py') as a module."""
+    path = REPO / path
+    spec = importlib.util.spec_from_file_location(path.stem + '_script', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def parity_case(name: str):

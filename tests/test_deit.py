@@ -1,6 +1,5 @@
 """ FLatten-DeiT: the class-token attention against the paper's equations, the models at any size, the timm API,
 compile, ONNX, the warm start from softmax weights and a short training run."""
-import importlib.util
 import warnings
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import torch.nn.functional as F
 
 from flatten_timm.layers import set_attn_impl
 from flatten_timm.models.flatten_deit import FlattenDeitAttention, warm_start_from_softmax
+from conftest import load_script
 
 # a narrow, shallow FLatten-DeiT: the architecture of the registered ones
 TINY_DEIT = dict(embed_dim=32, depth=2, num_heads=2, img_size=64)
@@ -314,10 +314,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _train_script():
-    spec = importlib.util.spec_from_file_location('deit_train', REPO / 'scripts' / 'train.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script('scripts/train.py')
 
 
 @pytest.mark.parametrize('config', sorted((REPO / 'configs' / 'deit').glob('*.yaml')), ids=lambda p: p.stem)
@@ -373,9 +370,7 @@ def test_digits_training_learns():
     """A tiny FLatten-DeiT trained 3 epochs on scikit-learn's digits (16x16, 4x4 patches) is far above chance on
     the held-out quarter: the class token reads the patches through focused linear attention."""
     pytest.importorskip('sklearn')
-    spec = importlib.util.spec_from_file_location('deit_warm_start', REPO / 'scripts' / 'deit_warm_start.py')
-    experiment = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(experiment)
+    experiment = load_script('scripts/deit_warm_start.py')
     x, y, x_test, y_test = experiment.digits(16)
     model = experiment.flatten_deit(0, embed_dim=32, depth=2, num_heads=2)
     assert experiment.accuracy(model, x_test, y_test) < 0.2

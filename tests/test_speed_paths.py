@@ -10,6 +10,7 @@ from flatten_timm.layers.conv_embed import ConvEmbed
 from flatten_timm.layers.grid_tokens import map_to_tokens, resample_grid_tokens
 from flatten_timm.layers.symbolic_shapes import is_torch_exporting
 from test_models import TINY
+from conftest import load_script
 
 
 @pytest.mark.parametrize('name', sorted(TINY))
@@ -238,14 +239,8 @@ def test_a_failing_group_is_logged_and_the_others_measured(monkeypatch, caplog):
 
 
 def _load_script(name: str):
-    """scripts/<name>.py as a module."""
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / 'scripts' / 'bench' / f'{name}.py'
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """scripts/bench/<name>.py as a module."""
+    return load_script(f'scripts/bench/{name}.py')
 
 
 def test_profile_script_reports_every_model(tmp_path):

@@ -1,7 +1,6 @@
 """ scripts/train.py and scripts/validate.py on a tiny generated image folder; configs/ recipes."""
 import argparse
 import csv
-import importlib.util
 import os
 import shutil
 import signal
@@ -16,19 +15,13 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from conftest import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN, VALIDATE = REPO / 'scripts' / 'train.py', REPO / 'scripts' / 'validate.py'
 # the smallest registered model at 64 px; 3 colour classes it can learn in a few steps
 TINY_RUN = ['--model', 'flatten_pvt_v2_b0', '--img-size', '64', '-b', '8', '--workers', '0', '--warmup-epochs', '0',
             '--lr', '0.02', '--smoothing', '0', '--log-interval', '100', '--seed', '3']
-
-
-def _load_script(path: Path):
-    spec = importlib.util.spec_from_file_location(path.stem + '_script', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope='module')
@@ -128,7 +121,7 @@ def test_torchrun_two_processes_on_cpu(image_folder, tmp_path):
 
 @pytest.mark.parametrize('config', sorted((REPO / 'configs').glob('*.yaml')), ids=lambda p: p.stem)
 def test_every_config_builds_its_model_and_optimizer(config):
-    train = _load_script(TRAIN)
+    train = load_script(TRAIN)
     args = train.parse_args(['--config', str(config), '--data-dir', '/nonexistent'])
     assert args.model == config.stem and args.config_metadata['paper_global_batch'] == args.batch_size * 8
     with torch.device('meta'):
@@ -142,7 +135,7 @@ def test_every_config_builds_its_model_and_optimizer(config):
 
 
 def test_bad_arguments_fail_before_any_data_is_read(image_folder, monkeypatch, tmp_path):
-    train = _load_script(TRAIN)
+    train = load_script(TRAIN)
     monkeypatch.setattr(train, 'create_dataset', lambda *a, **k: pytest.fail('data was read'))
     cases = [
         (['--model', 'flatten_nope'], "unknown model 'flatten_nope'"),
@@ -162,7 +155,7 @@ def test_bad_arguments_fail_before_any_data_is_read(image_folder, monkeypatch, t
 
 
 def test_aa_none_switches_randaugment_off(image_folder, monkeypatch, tmp_path):
-    train = _load_script(TRAIN)
+    train = load_script(TRAIN)
     recipe = str(REPO / 'configs' / 'flatten_pvt_v2_b0.yaml')  # sets RandAugment
     assert train.parse_args(['--config', recipe]).aa.startswith('rand-')
     for off in ('none', 'None', ''):
@@ -224,7 +217,7 @@ def test_amp_run_resumed_continues_bit_identically(image_folder, tmp_path, monke
     train.py refuses float16 without a GPU: its channels-last convs take up to a second a call on a CPU. The
     scaler is the same whatever autocast computes in, so on a CPU the test lifts that one refusal and lets the
     run's autocast compute in bfloat16 (what --amp-dtype bfloat16 runs, without a scaler)."""
-    train = _load_script(TRAIN)
+    train = load_script(TRAIN)
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     if device == 'cpu':
         check_args, autocast = train.check_args, torch.autocast
@@ -271,7 +264,7 @@ def test_accumulated_micro_batches_equal_one_batch(image_folder, tmp_path, monke
     """--grad-accum-steps 2 with -b 8 (two micro-batches of 4 per step) takes the steps one batch of 8 takes, up
     to float rounding: the same images in the same order, the loss averaged over all 8. SGD (an update linear in
     the gradient) and no drop path, so that nothing but the accumulation differs."""
-    train = _load_script(TRAIN)
+    train = load_script(TRAIN)
     started = _recording_starts(train, monkeypatch)
     args = ['--data-dir', str(image_folder), '--epochs', '1', '--opt', 'sgd', '--drop-path', '0', '--val-split', '',
             '--output', str(tmp_path), *TINY_RUN, '--lr', '1.0']
@@ -294,7 +287,7 @@ def test_accumulated_micro_batches_equal_one_batch(image_folder, tmp_path, monke
 def test_initial_checkpoint_starts_a_fresh_run_from_its_weights(image_folder, tmp_path, monkeypatch, tiny_models):
     """--initial-checkpoint loads the weights of a checkpoint (of this script here) and nothing else: training
     starts at epoch 0 with a fresh optimizer and the warm-up of the schedule, not where that run stopped."""
-    train = _load_script(TRAIN)
+    train = load_script(TRAIN)
     args = ['--data-dir', str(image_folder), '--epochs', '1', '--val-split', '', '--output', str(tmp_path), *TINY_RUN]
     model = train.build_model(train.parse_args(args), num_classes=3)
     with torch.no_grad():

@@ -1,6 +1,5 @@
 """ What a new user runs: a trained checkpoint used at its own size and classes, offline pretrained weights,
 the model table, progress of long commands, the small errors, and the README's getting-started path."""
-import importlib.util
 import json
 import logging
 import os
@@ -17,16 +16,14 @@ import torch
 from PIL import Image
 
 from flatten_timm.cli import build_parser, main
+from conftest import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ('cat', 'dog')  # folder names, in label order
 
 
 def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f'{name}_script', REPO / 'scripts' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f'scripts/{name}.py')
 
 
 @pytest.fixture(scope='module')

@@ -73,11 +73,13 @@ def test_resized_position_tables_are_cached_for_inference():
     x = torch.randn(1, 3, 96, 128)
     with torch.no_grad():
         out = model(x)
-        pos, pe = stage._resize_pos_embed(stage.pos_embed, (24, 32)), attn.key_positional_encoding((3, 4))
+        inv_scale = 1 / torch.nn.functional.softplus(attn.scale.reshape(-1))
+        pos = stage._resize_pos_embed(stage.pos_embed, (24, 32))
+        pe = attn._scaled_key_encoding((3, 4), inv_scale, x.dtype)
         assert model(x).equal(out)
         # the same tensors come back: nothing is recomputed while the weights are unchanged
         assert stage._resize_pos_embed(stage.pos_embed, (24, 32)) is pos
-        assert attn.key_positional_encoding((3, 4)) is pe
+        assert attn._scaled_key_encoding((3, 4), inv_scale, x.dtype) is pe
         stage.pos_embed.add_(1)  # a weight update invalidates the cache
         assert stage._resize_pos_embed(stage.pos_embed, (24, 32)) is not pos
     # training always resizes from the parameter, so gradients reach it

@@ -8,7 +8,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from flatten_timm.layers import set_attn_impl
+from flatten_timm.layers import resample_grid_tokens, set_attn_impl
 from flatten_timm.models.flatten_deit import FlattenDeitAttention, warm_start_from_softmax
 from conftest import load_script
 
@@ -41,7 +41,8 @@ def transcribed_attention(attn: FlattenDeitAttention, x: torch.Tensor, feat_size
     d = C // heads
     qkv = x @ attn.qkv.weight.double().t() + attn.qkv.bias.double()
     q, k, v = qkv[..., :C], qkv[..., C:2 * C], qkv[..., 2 * C:]
-    encoding = attn.key_positional_encoding((H, W)).double()  # the table resized to the grid (tested elsewhere)
+    # the patch keys' table resized to the grid (the resize is tested elsewhere)
+    encoding = resample_grid_tokens(attn.positional_encoding, attn.key_grid_size, (H, W)).double()
     k = torch.cat([k[:, :num_prefix], k[:, num_prefix:] + encoding], dim=1)
     s = F.softplus(attn.scale.double()).reshape(C)
 

@@ -65,16 +65,40 @@ def test_other_grid_resizes_positional_encoding_and_caches_it_for_inference():
     attn = FocusedLinearAttention(16, 2, grid_size=(8, 8)).eval()
     _randomize(attn)
     x = torch.randn(1, 10 * 6, 16)
+    torch.testing.assert_close(  # the table resized bilinearly, as the released models do
+        attn.key_positional_encoding((10, 6)).reshape(1, 10, 6, 16),
+        F.interpolate(attn.positional_encoding.reshape(1, 8, 8, 16).permute(0, 3, 1, 2), size=(10, 6),
+                      mode='bilinear', align_corners=False).permute(0, 2, 3, 1))
     with torch.no_grad():
         out = attn(x, (10, 6))
-        pe = attn.key_positional_encoding((10, 6))
-        assert pe is attn.key_positional_encoding((10, 6))  # no re-allocation per call
+        inv_scale = 1 / F.softplus(attn.scale.reshape(-1))
+        pe = attn._scaled_key_encoding((10, 6), inv_scale, torch.float32)
+        assert pe is attn._scaled_key_encoding((10, 6), inv_scale, torch.float32)  # no re-allocation per call
         attn.positional_encoding.add_(1.0)  # a weight update invalidates the cache
-        assert not torch.equal(attn.key_positional_encoding((10, 6)), pe)
+        assert not torch.equal(attn._scaled_key_encoding((10, 6), inv_scale, torch.float32), pe)
     assert out.shape == x.shape and torch.isfinite(out).all()
     # with gradients the resize is part of the graph
     attn(x, (10, 6)).sum().backward()
     assert attn.positional_encoding.grad.abs().sum() > 0
+
+
+def test_tables_of_large_grids_are_not_kept():
+    """A resized table is kept only while small: kept per layer at a large grid, the tables would add up to more
+    than the inference's own peak memory (72 MiB for FLatten-DeiT-S at 1024 px)."""
+    from flatten_timm.layers import GridTableResizer
+    from flatten_timm.layers.parameter_cache import MAX_CACHED_TABLE_ELEMENTS
+    small, large = (10, 6), (130, 130)  # 960 and 270,400 rows x channels, the limit between them
+    assert small[0] * small[1] * 16 <= MAX_CACHED_TABLE_ELEMENTS < large[0] * large[1] * 16
+    attn = FocusedLinearAttention(16, 2, grid_size=(8, 8)).eval()
+    resizer, table = GridTableResizer((8, 8)), attn.positional_encoding
+    with torch.no_grad():
+        for size in (small, large):
+            attn(torch.randn(1, size[0] * size[1], 16), size)
+            resizer(table, size)
+        assert (10, 6, torch.float32) in attn._folded._entries and len(resizer._cache) == 1
+        assert not any(key[:2] == large for key in attn._folded._entries if isinstance(key, tuple))
+        assert resizer(table, small) is resizer(table, small)
+        torch.testing.assert_close(resizer(table, large), attn.key_positional_encoding(large), rtol=0, atol=0)
 
 
 def test_autocast_bf16_is_finite():
@@ -151,7 +175,7 @@ def test_parameter_cache_keeps_the_recent_keys_only():
     with torch.no_grad():
         for size in range(5, 30):
             attn(torch.randn(1, size * 3, 16), (size, 3))
-    assert len(attn._folded) <= attn._folded.max_entries and len(attn._resize_pe._cache) <= 16
+    assert len(attn._folded) <= attn._folded.max_entries
 
 
 def test_swin_keeps_the_shift_masks_of_its_recent_map_sizes_only():

@@ -12,9 +12,15 @@ import torch
 
 from .symbolic_shapes import is_symbolic
 
-__all__ = ['LruCache', 'ParameterCache']
+__all__ = ['LruCache', 'ParameterCache', 'MAX_CACHED_TABLE_ELEMENTS']
 
 T = TypeVar('T')
+
+# Tables resized to the grid in use (positional encodings) are kept only up to this size (1 MiB in float32, a
+# 20 x 20 map of 512 channels): a layer keeping a table per large grid would add its size to the peak memory at
+# every layer (72 MiB for FLatten-DeiT-S at 1024 px), and at that many tokens one resize costs about 1% of the
+# attention it serves, where at small maps it is a good part of a layer's per-call overhead.
+MAX_CACHED_TABLE_ELEMENTS = 2 ** 18
 
 
 class LruCache:

@@ -40,8 +40,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from flatten_timm.layers import FocusedLinearAttention, Mlp, focusing_map, linear_attention
-from flatten_timm.layers.fla.dispatch import resolve_attn_impl, run_focused_linear_attention
+from flatten_timm.layers import FocusedLinearAttention, Mlp
 from flatten_timm.layers.symbolic_shapes import is_exporting
 from ._base import check_images
 from ._convert import fit_state_dict_to_model, unwrap_state_dict
@@ -69,27 +68,14 @@ class FlattenDeitAttention(FocusedLinearAttention):
         """(B, H*W, C) rows of the patch tokens -> (B, P + H*W, C), zero rows for the prefix tokens."""
         return F.pad(x, (0, 0, self.num_prefix_tokens, 0)) if self.num_prefix_tokens else x
 
-    def attend(self, q, k, v, feat_size, key_size):
-        """Reference path: the spec's order of operations over all tokens, before `proj`."""
-        k = k + self._with_prefix_rows(self.key_positional_encoding(feat_size)).to(k.dtype)
-        scale = F.softplus(self.scale)
-        q = focusing_map(q, scale, self.focusing_factor)
-        k = focusing_map(k, scale, self.focusing_factor)
-        x = linear_attention(q, k, v, self.num_heads)
-        return x + self._with_prefix_rows(self.local_mixing(v[:, self.num_prefix_tokens:], feat_size))
+    def key_positional_encoding(self, key_size: Tuple[int, int]) -> torch.Tensor:
+        """The patch keys' encoding on their grid, after a zero row for each prefix token: (1, P + H*W, C)."""
+        return self._with_prefix_rows(super().key_positional_encoding(key_size))
 
-    def forward(self, x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
-        impl = resolve_attn_impl(self.attn_impl)
-        if impl == 'reference':
-            q, k, v, key_size = self.project(x, feat_size)
-            return self.proj_drop(self.proj(self.attend(q, k, v, feat_size, key_size)))
-        q, k, v, _, floor, key_encoding, mixing_kernel = self.project_folded(x, feat_size)
-        rank_restoration = self.local_mixing(v[:, self.num_prefix_tokens:], feat_size, mixing_kernel)
-        x = run_focused_linear_attention(
-            q, k, v, floor, self.focusing_factor, self.num_heads,
-            residual=self._with_prefix_rows(rank_restoration), key_offset=self._with_prefix_rows(key_encoding),
-            attn_impl=impl, overwrite_inputs=True)
-        return self.proj_drop(self.proj(x))
+    def local_mixing(self, v: torch.Tensor, feat_size: Tuple[int, int], kernel: Optional[tuple] = None
+                     ) -> torch.Tensor:
+        """The depthwise conv of the patch tokens' V on their grid, after a zero row for each prefix token."""
+        return self._with_prefix_rows(super().local_mixing(v[:, self.num_prefix_tokens:], feat_size, kernel))
 
 
 class FlattenDeitBlock(Block):

@@ -13,8 +13,8 @@ from timm.layers import register_notrace_module
 
 from ..fused_inference import Linear, fused_linear
 from ..grid_tokens import (
-    GridTableResizer, channels_last_to_tokens, map_to_tokens, tokens_to_channels_last, tokens_to_map)
-from ..parameter_cache import ParameterCache
+    channels_last_to_tokens, map_to_tokens, resample_grid_tokens, tokens_to_channels_last, tokens_to_map)
+from ..parameter_cache import MAX_CACHED_TABLE_ELEMENTS, ParameterCache
 from ..spatial_reduction import SpatialReduction
 from ..symbolic_shapes import is_exporting
 from .dispatch import resolve_attn_impl, run_focused_linear_attention
@@ -120,7 +120,6 @@ class FocusedLinearAttention(nn.Module):
             torch.zeros(1, self.key_grid_size[0] * self.key_grid_size[1], dim, **dd))
         self.proj = Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
-        self._resize_pe = GridTableResizer(self.key_grid_size)
         self._folded = ParameterCache()
         resolve_attn_impl(attn_impl, env_override='')  # fail early on a typo
         self.attn_impl = attn_impl
@@ -130,8 +129,8 @@ class FocusedLinearAttention(nn.Module):
                 f'key_grid_size={self.key_grid_size}')
 
     def key_positional_encoding(self, key_size: Tuple[int, int]) -> torch.Tensor:
-        """The key positional encoding resized to the actual key grid (cached for inference)."""
-        return self._resize_pe(self.positional_encoding, key_size)
+        """The key positional encoding resized to the actual key grid: (1, n, C), a row per key."""
+        return resample_grid_tokens(self.positional_encoding, self.key_grid_size, key_size)
 
     def project(self, x: torch.Tensor, feat_size: Tuple[int, int]):
         """Project (B, H*W, C) tokens to q, k, v; returns them and the key grid size."""
@@ -186,7 +185,6 @@ class FocusedLinearAttention(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         # a move frees parameter storages whose addresses the next ones may reuse: forget what came from them
-        self._resize_pe.clear()
         self._folded.clear()
         return super()._apply(fn, *args, **kwargs)
 
@@ -211,10 +209,12 @@ class FocusedLinearAttention(nn.Module):
         return self._folded.get(dtype, self.parameters(), fold)
 
     def _scaled_key_encoding(self, key_size: Tuple[int, int], inv_scale: torch.Tensor, dtype: torch.dtype):
-        """The key positional encoding at key_size, divided by the kernel's scale, in `dtype`."""
+        """The key positional encoding at key_size, divided by the kernel's scale, in `dtype`; kept for inference
+        up to MAX_CACHED_TABLE_ELEMENTS."""
         def scale():
             return (self.key_positional_encoding(key_size) * inv_scale).to(dtype)
-        if not ParameterCache.active():  # and the key size may be a symbol
+        # (checked first: the key size may be a symbol)
+        if not ParameterCache.active() or key_size[0] * key_size[1] * self.dim > MAX_CACHED_TABLE_ELEMENTS:
             return scale()
         return self._folded.get((int(key_size[0]), int(key_size[1]), dtype), (self.positional_encoding, self.scale),
                                 scale)

@@ -10,6 +10,7 @@ import importlib.util
 import io
 import json
 import logging
+import multiprocessing
 import os
 import platform
 import statistics
@@ -28,8 +29,8 @@ from .zoo import count_params_and_gmacs
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ['SOFTMAX_PEERS', 'BenchResult', 'benchmark', 'load_official_model', 'format_table', 'parse_img_size',
-           'time_steps', 'write_json', 'write_plot']
+__all__ = ['SOFTMAX_PEERS', 'BenchResult', 'benchmark', 'cpu_peak_memory_mib', 'load_official_model', 'format_table',
+           'parse_img_size', 'time_steps', 'write_json', 'write_plot']
 
 # timm softmax-attention model of about the same size (timm has no PVT v1 nor CSWin)
 SOFTMAX_PEERS = {
@@ -177,6 +178,67 @@ def _make_step(model: nn.Module, img_size: Size, batch_size: int, dtype: str, mo
     return step
 
 
+def _resident_mib(field: str) -> float:
+    """A field of /proc/self/status in MiB: VmRSS (resident now) or VmHWM (its high-water mark)."""
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith(field + ':'):
+                return int(line.split()[1]) / 1024
+    raise OSError(f'/proc/self/status has no {field}')
+
+
+def _reset_resident_peak():
+    """Set VmHWM to the resident set now (Linux 4.0+)."""
+    with open('/proc/self/clear_refs', 'w') as f:
+        f.write('5')
+
+
+def _peak_in_this_process(contender: Tuple[str, str], img_size: Size, batch_size: int, dtype: str, mode: str,
+                          official_repo: Optional[str], features_only: bool, threads: int) -> float:
+    torch.set_num_threads(threads)
+    before = _resident_mib('VmRSS')
+    torch.manual_seed(0)
+    model = _build(*contender, img_size, official_repo, features_only)
+    step = _make_step(model, img_size, batch_size, dtype, mode, torch.device('cpu'))
+    _reset_resident_peak()  # what building the model allocated and freed is not the inference's
+    step()  # the first step's one-time allocations (caches kept for the next calls) count too
+    step()
+    return _resident_mib('VmHWM') - before
+
+
+def _report_peak(queue, *args):
+    try:
+        queue.put(('ok', _peak_in_this_process(*args)))
+    except BaseException as e:  # told to the parent, which goes on without this figure
+        queue.put(('error', f'{type(e).__name__}: {e}'))
+
+
+def cpu_peak_memory_mib(contender: Tuple[str, str], img_size: Size, batch_size: int, dtype: str = 'fp32',
+                        mode: str = 'infer', official_repo: Optional[str] = None, features_only: bool = False,
+                        threads: Optional[int] = None) -> Optional[float]:
+    """Peak memory (MiB) of a (model name, kind) contender's steps on the CPU, as CUDA's max_memory_allocated
+    counts it: the weights, the input and everything two steps allocate (the first one's caches included).
+
+    Read from the process's resident set: its high-water mark during the steps minus what the process held before
+    the model was built. Measured in a fresh process, so that memory the allocator kept from other contenders
+    serves none of it. None, with a warning, where that cannot be read (no Linux /proc) or the process failed.
+    """
+    context = multiprocessing.get_context('spawn')
+    queue = context.Queue()
+    process = context.Process(target=_report_peak, args=(
+        queue, contender, img_size, batch_size, dtype, mode, official_repo, features_only,
+        threads or torch.get_num_threads()))
+    process.start()
+    try:
+        status, value = queue.get()
+    finally:
+        process.join()
+    if status != 'ok':
+        _logger.warning(f'peak memory of {contender[0]} at {size_label(img_size)} not measured: {value}')
+        return None
+    return value
+
+
 def time_steps(steps: Sequence[Callable[[], None]], device: torch.device, warmup: int = 3, repeats: int = 10,
                progress: Optional[Callable[[str], None]] = None, names: Optional[Sequence[str]] = None,
                ) -> List[Dict[str, Optional[float]]]:
@@ -215,7 +277,7 @@ def time_steps(steps: Sequence[Callable[[], None]], device: torch.device, warmup
 
 
 def _measure(name, contenders, img_size: Size, batch_size, dtype, mode, device, official_repo, warmup, repeats,
-             features_only, progress=None) -> List[BenchResult]:
+             features_only, progress=None, cpu_memory: bool = False) -> List[BenchResult]:
     """One row per contender, timed in turns; ratio_vs_flatten = flatten img/s / contender img/s."""
     built, counts = [], []
     for model_name, kind in contenders:
@@ -230,6 +292,12 @@ def _measure(name, contenders, img_size: Size, batch_size, dtype, mode, device, 
         built.append(_make_step(model, img_size, batch_size, dtype, mode, device))
     names = [model_name if kind != 'official' else f'official {model_name}' for model_name, kind in contenders]
     timings = time_steps(built, device, warmup, repeats, progress=progress, names=names)
+    if cpu_memory and device.type == 'cpu':
+        if progress is not None:
+            progress('  peak memory: each model in a fresh process')
+        for contender, timing in zip(contenders, timings):
+            timing['peak_mib'] = cpu_peak_memory_mib(contender, img_size, batch_size, dtype, mode, official_repo,
+                                                     features_only)
     rows = []
     for (model_name, kind), (params_m, gmacs), timing in zip(contenders, counts, timings):
         rows.append(BenchResult(
@@ -251,10 +319,13 @@ def _measure(name, contenders, img_size: Size, batch_size, dtype, mode, device, 
 def benchmark(models: Sequence[str], img_sizes: Sequence = (224,), batch_size: int = 32, dtype: str = 'fp32',
               modes: Sequence[str] = ('infer',), device: str = 'cpu', peers: bool = True,
               official_repo: Optional[str] = None, warmup: int = 3, repeats: int = 10,
-              features_only: bool = False, progress: Optional[Callable[[str], None]] = None) -> List[BenchResult]:
+              features_only: bool = False, progress: Optional[Callable[[str], None]] = None,
+              cpu_memory: bool = True) -> List[BenchResult]:
     """Measure each flatten model, its softmax peer and (with official_repo) the official code, side by side.
 
     img_sizes: 224 or (800, 1344) / '800x1344'; features_only: the backbones as detectors use them.
+    Peak memory: CUDA's max_memory_allocated; on a CPU (cpu_memory) `cpu_peak_memory_mib`, a fresh process per
+    model and size.
     progress(text), if given, is told what is being measured as it starts: '[n/m] model beside peer at size, ...'.
     """
     device = torch.device(device)
@@ -289,7 +360,7 @@ def benchmark(models: Sequence[str], img_sizes: Sequence = (224,), batch_size: i
                              f'{dtype}, batch {batch_size} on {device}')
                 try:
                     rows = _measure(name, contenders, img_size, batch_size, dtype, mode, device, official_repo,
-                                    warmup, repeats, features_only, progress)
+                                    warmup, repeats, features_only, progress, cpu_memory)
                 except Exception as e:  # one failing group (e.g. a backend error of a peer) spoils no others
                     _logger.error(f'{name} {size_label(img_size)} {dtype} {mode}: not measured, '
                                   f'{type(e).__name__}: {e}')

@@ -1,5 +1,6 @@
 """ What the speed work must keep: compilable models, finite mixed precision, and the benchmark command."""
 import json
+from pathlib import Path
 
 import pytest
 import timm
@@ -222,6 +223,18 @@ def test_timed_steps_take_turns():
     assert all(t['peak_mib'] is None for t in timings)
 
 
+@pytest.mark.skipif(not Path('/proc/self/clear_refs').exists(), reason='needs Linux /proc')
+def test_cpu_peak_memory_counts_weights_input_and_activations():
+    """The CPU peak (a fresh process per contender) grows with the input: a batch of 4 at 512 px holds 12 MiB of
+    input and several times that of activations more than one image at 64 px; a contender that fails gives None."""
+    from flatten_timm.benchmark import cpu_peak_memory_mib
+    contender = ('flatten_pvt_v2_b0', 'flatten')
+    small = cpu_peak_memory_mib(contender, (64, 64), 1, threads=1)
+    large = cpu_peak_memory_mib(contender, (512, 512), 4, threads=1)
+    assert 13 < small < 200 and large > small + 4 * 3 * 512 * 512 * 4 / 2 ** 20, (small, large)  # 3.7 M weights
+    assert cpu_peak_memory_mib(('flatten_no_such_model', 'flatten'), (64, 64), 1, threads=1) is None
+
+
 def test_a_failing_group_is_logged_and_the_others_measured(monkeypatch, caplog):
     from flatten_timm import benchmark as bench_module
     measure = bench_module._measure
@@ -233,7 +246,7 @@ def test_a_failing_group_is_logged_and_the_others_measured(monkeypatch, caplog):
 
     monkeypatch.setattr(bench_module, '_measure', fails_for_train)
     rows = bench_module.benchmark(['flatten_pvt_v2_b0'], img_sizes=[(32, 48)], batch_size=1, modes=('train', 'infer'),
-                                  warmup=1, repeats=1)
+                                  warmup=1, repeats=1, cpu_memory=False)
     assert [(r.kind, r.mode) for r in rows] == [('flatten', 'infer'), ('softmax peer', 'infer')]
     assert 'flatten_pvt_v2_b0 32x48 fp32 train: not measured, RuntimeError: backend failure' in caplog.text
 

@@ -3,7 +3,8 @@
 # installs the project, runs the Triton kernel tests on CUDA, times the attention core, then measures the
 # four FLatten models beside their timm softmax peers (and the official code with --official-repo):
 # 224 px batch 128 (bf16 eager inference and training step with peak memory, fp32 eager, bf16 compiled)
-# and 896 px batch 8 (bf16 and fp32 eager), and profiles bf16 inference per part of the models. Every
+# and 896 px batch 8 (bf16 and fp32 eager), FLatten-DeiT-T/S beside DeiT-T/S at 224-1024 px batch 8 (bf16
+# eager), and profiles bf16 inference per part of the models. Every
 # section has its own time limit and the whole run stays under 8 minutes; what finished is always reported.
 #
 #   scripts/bench/gpu_check.sh OUT_DIR [--official-repo PATH_TO_FLatten-Transformer]
@@ -62,6 +63,10 @@ section "224 bf16 inference profile" 60 $PY scripts/bench/profile_models.py flat
   --dtype bf16 --device cuda --json "$out/profile.json"
 section "224 bf16 training step" 80 \
   "${bench[@]}" --img-size 224 -b 128 --dtype bf16 --mode train "${official[@]}" --json "$out/m2.json"
+# FLatten-DeiT beside timm's DeiT (SDPA attention) as the image grows: where global linear attention pays
+section "DeiT bf16 eager inference, 224-1024" 60 $PY -m flatten_timm.cli bench --models \
+  flatten_deit_tiny_patch16_224 flatten_deit_small_patch16_224 --device cuda --warmup 2 --repeats 5 \
+  --img-size 224 448 768 1024 -b 8 --dtype bf16 --json "$out/m7.json"
 # compiling costs about a minute a model: the two families whose peers timm has in the same form
 section "224 bf16 compiled inference" 200 $PY -m flatten_timm.cli bench --models flatten_pvt_v2_b0 \
   flatten_swin_tiny_patch4_224 --device cuda --warmup 3 --repeats 10 --img-size 224 -b 128 --dtype bf16 \

@@ -83,8 +83,9 @@ def test_other_grid_resizes_positional_encoding_and_caches_it_for_inference():
 
 
 def test_tables_of_large_grids_are_not_kept():
-    """A resized table is kept only while small: kept per layer at a large grid, the tables would add up to more
-    than the inference's own peak memory (72 MiB for FLatten-DeiT-S at 1024 px)."""
+    """A table resized to another grid is kept only while small: kept per layer at a large grid, the tables would
+    add up to more than the inference's own peak memory (72 MiB for FLatten-DeiT-S at 1024 px). At the grid it was
+    learned at, the scaled table is kept at any size (a copy of the parameter, as the folded weights are)."""
     from flatten_timm.layers import GridTableResizer
     from flatten_timm.layers.parameter_cache import MAX_CACHED_TABLE_ELEMENTS
     small, large = (10, 6), (130, 130)  # 960 and 270,400 rows x channels, the limit between them
@@ -99,6 +100,9 @@ def test_tables_of_large_grids_are_not_kept():
         assert not any(key[:2] == large for key in attn._folded._entries if isinstance(key, tuple))
         assert resizer(table, small) is resizer(table, small)
         torch.testing.assert_close(resizer(table, large), attn.key_positional_encoding(large), rtol=0, atol=0)
+        learned_large = FocusedLinearAttention(16, 2, grid_size=large).eval()
+        learned_large(torch.randn(1, large[0] * large[1], 16), large)
+        assert (*large, torch.float32) in learned_large._folded._entries
 
 
 def test_autocast_bf16_is_finite():

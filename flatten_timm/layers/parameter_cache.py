@@ -16,10 +16,10 @@ __all__ = ['LruCache', 'ParameterCache', 'MAX_CACHED_TABLE_ELEMENTS']
 
 T = TypeVar('T')
 
-# Tables resized to the grid in use (positional encodings) are kept only up to this size (1 MiB in float32, a
-# 20 x 20 map of 512 channels): a layer keeping a table per large grid would add its size to the peak memory at
-# every layer (72 MiB for FLatten-DeiT-S at 1024 px), and at that many tokens one resize costs about 1% of the
-# attention it serves, where at small maps it is a good part of a layer's per-call overhead.
+# Tables resized to another grid than the one they were learned at (positional encodings) are kept for inference
+# only up to this size (1 MiB in float32; a detector neck's 20 x 20 map of 512 channels): kept in every layer at a
+# large grid, they would outweigh the inference's own peak memory (72 MiB for FLatten-DeiT-S at 1024 px), where
+# recomputing them costs a resize per layer and call (1-2% of FLatten-DeiT-S's time at that size).
 MAX_CACHED_TABLE_ELEMENTS = 2 ** 18
 
 

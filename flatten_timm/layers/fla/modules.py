@@ -209,15 +209,16 @@ class FocusedLinearAttention(nn.Module):
         return self._folded.get(dtype, self.parameters(), fold)
 
     def _scaled_key_encoding(self, key_size: Tuple[int, int], inv_scale: torch.Tensor, dtype: torch.dtype):
-        """The key positional encoding at key_size, divided by the kernel's scale, in `dtype`; kept for inference
-        up to MAX_CACHED_TABLE_ELEMENTS."""
+        """The key positional encoding at key_size, divided by the kernel's scale, in `dtype`. Kept for inference
+        at the training grid (a copy of the parameter) and at other grids up to MAX_CACHED_TABLE_ELEMENTS."""
         def scale():
             return (self.key_positional_encoding(key_size) * inv_scale).to(dtype)
-        # (checked first: the key size may be a symbol)
-        if not ParameterCache.active() or key_size[0] * key_size[1] * self.dim > MAX_CACHED_TABLE_ELEMENTS:
+        if not ParameterCache.active():  # (checked first: the key size may be a symbol)
             return scale()
-        return self._folded.get((int(key_size[0]), int(key_size[1]), dtype), (self.positional_encoding, self.scale),
-                                scale)
+        key_size = (int(key_size[0]), int(key_size[1]))
+        if key_size != self.key_grid_size and key_size[0] * key_size[1] * self.dim > MAX_CACHED_TABLE_ELEMENTS:
+            return scale()
+        return self._folded.get((*key_size, dtype), (self.positional_encoding, self.scale), scale)
 
     def project_folded(self, x: torch.Tensor, feat_size: Tuple[int, int]):
         """q and k with the kernel's 1 / s and its 1e-6 shift folded in (they ride in the projections' own bias

@@ -37,9 +37,25 @@ def _cmd_models(args) -> int:
 
 
 def _cmd_convert(args) -> int:
-    from .hub import convert_checkpoint, push_folder_to_hub
-    folder = convert_checkpoint(args.model, args.checkpoint, args.output, key=args.key,
-                                repo_name=args.push_to_hub, license=args.license)
+    from .hub import convert_checkpoint, convert_from_softmax, describe_warm_start, push_folder_to_hub
+    if args.from_softmax:
+        _progress(f'{args.model} from the softmax weights of {args.from_softmax} ('
+                  + (args.checkpoint if args.checkpoint else "timm's download") + ')')
+        try:
+            folder, report = convert_from_softmax(args.model, args.from_softmax, args.output,
+                                                  checkpoint=args.checkpoint, key=args.key,
+                                                  repo_name=args.push_to_hub, license=args.license)
+        except ValueError as e:  # models that do not fit each other, an unknown name, a file of another model
+            print(f'flatten-timm convert: error: {e}', file=sys.stderr)
+            return 2
+        print(describe_warm_start(report, args.model, args.from_softmax))
+    elif not args.checkpoint:
+        print('flatten-timm convert: error: --checkpoint FILE is required (or --from-softmax SOFTMAX_MODEL to '
+              'warm-start a FLatten-DeiT)', file=sys.stderr)
+        return 2
+    else:
+        folder = convert_checkpoint(args.model, args.checkpoint, args.output, key=args.key,
+                                    repo_name=args.push_to_hub, license=args.license)
     print(f'wrote {folder}: ' + ', '.join(sorted(p.name for p in folder.iterdir())))
     if args.push_to_hub:
         print(f'uploaded to {push_folder_to_hub(folder, args.push_to_hub, private=args.private)}')
@@ -238,9 +254,16 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument('--json', action='store_true', help='print JSON instead of a table')
     models.set_defaults(func=_cmd_models)
 
-    convert = sub.add_parser('convert', help='convert an official checkpoint into a timm Hub folder')
+    convert = sub.add_parser('convert', help='convert an official checkpoint into a timm Hub folder, or '
+                                             'warm-start a FLatten-DeiT from softmax weights (--from-softmax)')
     convert.add_argument('--model', required=True, help='flatten_* model name, e.g. flatten_pvt_tiny')
-    convert.add_argument('--checkpoint', required=True, help='official .pth (or this project\'s file)')
+    convert.add_argument('--checkpoint', default=None,
+                         help="official .pth (or this project's file); with --from-softmax, the softmax model's "
+                              "weights (.pth or .safetensors) instead of timm's download")
+    convert.add_argument('--from-softmax', metavar='SOFTMAX_MODEL', default=None,
+                         help="warm-start --model (a flatten_deit_* model) from this timm softmax model's weights "
+                              '(e.g. deit_small_patch16_224): an initialisation for fine-tuning, not a trained '
+                              'classifier')
     convert.add_argument('--output', required=True, help='folder to write model.safetensors, config.json, README.md')
     convert.add_argument('--key', default=None, help="checkpoint entry to take: 'model' (default) or 'model_ema'")
     convert.add_argument('--license', default='other', help='license for the model card (default: other)')

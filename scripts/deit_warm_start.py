@@ -2,8 +2,9 @@
 
     python scripts/deit_warm_start.py                       # the experiment, a markdown table on stdout
     python scripts/deit_warm_start.py --json results.json   # and the figures as JSON
-    # a warm-start checkpoint for scripts/train.py --initial-checkpoint (configs/deit/*_warm_start.yaml):
-    python scripts/deit_warm_start.py --convert init.safetensors --model flatten_deit_tiny_patch16_224 \
+    # a warm-start folder, the same as `flatten-timm convert --from-softmax` writes (its model.safetensors is
+    # for scripts/train.py --initial-checkpoint, configs/deit/*_warm_start.yaml):
+    python scripts/deit_warm_start.py --convert warm_start/ --model flatten_deit_tiny_patch16_224 \
         --softmax deit_tiny_patch16_224 [--softmax-checkpoint deit_tiny.pth]
 
 The 8x8 digit images are upsampled to 16x16 and cut into 4x4 patches (a 4x4 grid of tokens and a class token).
@@ -104,19 +105,15 @@ def run(seed: int, softmax_epochs: int, epochs: int, data) -> Dict[str, float]:
 
 
 def convert(output: str, model_name: str, softmax_name: str, softmax_checkpoint: str = '') -> int:
-    """Write `warm_start_from_softmax`'s result for `model_name` from timm's `softmax_name` (its pretrained weights,
-    from the Hub or from softmax_checkpoint) as a safetensors file; say which keys are new."""
-    from safetensors.torch import save_file
-    overlay = dict(pretrained_cfg_overlay=dict(file=softmax_checkpoint)) if softmax_checkpoint else {}
-    softmax = timm.create_model(softmax_name, pretrained=True, **overlay)
-    model = timm.create_model(model_name, num_classes=softmax.num_classes)
-    report = warm_start_from_softmax(model, softmax)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, output)
-    print(f'wrote {output}: {model_name} initialised from {softmax_name} for fine-tuning (not a trained '
-          f'classifier); {len(report.copied)} tensors copied, {len(report.resampled)} resampled, '
-          f'{len(report.added)} new to focused linear attention left at their initialisation '
-          f'({", ".join(sorted({k.split(".attn.")[-1] for k in report.added}))} in every block)')
-    return 0
+    """`flatten-timm convert --from-softmax`: a folder (model.safetensors, config.json, README.md) holding
+    `warm_start_from_softmax`'s result for `model_name` from timm's `softmax_name` (its pretrained weights, from the
+    Hub or from softmax_checkpoint); says which keys are new."""
+    if output.endswith(('.safetensors', '.pth')):
+        raise SystemExit(f'--convert {output}: give a folder; it gets model.safetensors (the file for '
+                         f'scripts/train.py --initial-checkpoint), config.json and README.md')
+    from flatten_timm.cli import main as flatten_timm_cli
+    return flatten_timm_cli(['convert', '--from-softmax', softmax_name, '--model', model_name, '--output', output]
+                            + (['--checkpoint', softmax_checkpoint] if softmax_checkpoint else []))
 
 
 def main(argv: List[str] = None) -> int:
@@ -128,8 +125,8 @@ def main(argv: List[str] = None) -> int:
     p.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch\'s)')
     p.add_argument('--json', default=None, help='write the figures as JSON here')
     p.add_argument('--convert', default=None, metavar='OUTPUT',
-                   help='instead of the experiment, write a warm-start checkpoint (.safetensors) of --model from '
-                        '--softmax')
+                   help='instead of the experiment, write a warm-start folder of --model from --softmax, as '
+                        '`flatten-timm convert --from-softmax` does')
     p.add_argument('--model', default='flatten_deit_tiny_patch16_224', help='FLatten-DeiT to warm-start')
     p.add_argument('--softmax', default='deit_tiny_patch16_224', help="timm's softmax model of the same size")
     p.add_argument('--softmax-checkpoint', default='', help="its weights from this file (default: timm's download)")

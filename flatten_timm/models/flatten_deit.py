@@ -359,7 +359,8 @@ def warm_start_from_softmax(model: FlattenDeit, softmax: Union[nn.Module, Mappin
                 continue
             else:
                 raise ValueError(f'{k} has shape {tuple(v.shape)} in the softmax weights and {tuple(target.shape)} '
-                                 f'in {type(model).__name__}: the models differ in size')
+                                 f'in {type(model).__name__}: the models differ in size. Warm-start from a softmax '
+                                 f'model of the same width ({model.embed_dim} channels), depth and heads')
         else:
             report.copied.append(k)
         to_load[k] = v

@@ -104,7 +104,7 @@ def model_kwargs_from_config(model_name: str, config: Dict[str, Any], kwargs: Di
     if explicit_size is not None:  # evaluated at another size than it was trained at, on purpose
         size = (explicit_size,) * 2 if isinstance(explicit_size, int) else tuple(explicit_size)
         overlay['input_size'] = (overlay.get('input_size', (3,))[0], *size)
-    if 'input_size' in overlay:  # the final map of every family is at stride 32
+    if 'input_size' in overlay and overlay.get('pool_size'):  # a pyramid's final map is at stride 32 (a ViT has none)
         overlay['pool_size'] = tuple(-(-s // 32) for s in overlay['input_size'][-2:])
     overlay.update(kwargs.get('pretrained_cfg_overlay') or {})
     kwargs['pretrained_cfg_overlay'] = overlay

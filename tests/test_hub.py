@@ -164,3 +164,14 @@ def test_pretrained_download_failure_is_explained(tmp_path, monkeypatch, capsys)
     Image.new('RGB', (64, 64)).save(image)
     assert main(['predict', '--model', 'flatten_pvt_v2_b0', '--pretrained', str(image)]) == 2
     assert 'could not download the weights' in capsys.readouterr().err
+
+
+def test_a_checkpoint_at_another_size_gets_the_pool_size_of_its_family():
+    """A pyramid's final map is at stride 32, so its pool size follows the input size; a ViT has none to follow."""
+    from flatten_timm.hub import model_kwargs_from_config
+    pyramid = model_kwargs_from_config(
+        'flatten_pvt_tiny', {'pretrained_cfg': {'input_size': [3, 320, 320], 'pool_size': [7, 7]}}, {})
+    vit = model_kwargs_from_config(
+        'flatten_deit_tiny_patch16_224', {'pretrained_cfg': {'input_size': [3, 320, 320], 'pool_size': None}}, {})
+    assert pyramid['pretrained_cfg_overlay']['pool_size'] == (10, 10)
+    assert vit['pretrained_cfg_overlay']['pool_size'] is None

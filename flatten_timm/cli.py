@@ -189,7 +189,7 @@ def _cmd_bench(args) -> int:
     results = benchmark(args.models, img_sizes=args.img_size, batch_size=args.batch_size, dtype=args.dtype,
                         modes=args.mode, device=args.device, peers=not args.no_peers,
                         official_repo=args.official_repo, warmup=args.warmup, repeats=args.repeats,
-                        features_only=args.features_only, progress=_progress)
+                        features_only=args.features_only, progress=_progress, cpu_memory=not args.no_memory)
     print(format_table(results))
     if args.json:
         write_json(results, args.json, args.device)
@@ -303,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument('--device', default=None,
                        help="device to measure on, e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu)")
     bench.add_argument('--no-peers', action='store_true', help="skip timm's softmax models")
+    bench.add_argument('--no-memory', action='store_true',
+                       help='skip the peak memory on a CPU (measured in a fresh process per model and size, which '
+                            'takes a few seconds each; on CUDA it is free and always measured)')
     bench.add_argument('--official-repo', default=None,
                        help='a checkout of LeapLabTHU/FLatten-Transformer, to measure the official code too')
     bench.add_argument('--warmup', type=int, default=3, help='untimed batches per model first (default 3)')

@@ -171,10 +171,23 @@ def test_bad_input_is_a_clear_error():
 
 @pytest.mark.parametrize('kwargs,match', [(dict(attn_drop_rate=0.1), 'no attention matrix'),
                                           (dict(patch_drop_rate=0.5), 'patch grid'),
-                                          (dict(qk_norm=True), 'qk_norm')])
+                                          (dict(qk_norm=True), 'qk_norm'),
+                                          (dict(attn_layer='diff'), 'attn_layer cannot be set')])
 def test_options_without_meaning_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         tiny_deit(**kwargs)
+
+
+def test_blocks_build_no_softmax_attention(monkeypatch):
+    """timm's block is given nn.Identity as its attention: no softmax weights are made and thrown away (they would
+    stay in the allocator's memory and draw from the random generator)."""
+    import timm.models.vision_transformer as vit
+
+    def refuse(*args, **kwargs):
+        raise AssertionError('a softmax attention was built')
+    monkeypatch.setattr(vit.Attention, '__init__', refuse)
+    model = tiny_deit()
+    assert all(type(block.attn) is FlattenDeitAttention for block in model.blocks)
 
 
 # ---- the timm API ------------------------------------------------------------------------------------------------
@@ -368,12 +381,13 @@ def test_checkpoint_of_the_commands(tmp_path):
 # ---- training ----------------------------------------------------------------------------------------------------
 
 def test_digits_training_learns():
-    """A tiny FLatten-DeiT trained 3 epochs on scikit-learn's digits (16x16, 4x4 patches) is far above chance on
-    the held-out quarter: the class token reads the patches through focused linear attention."""
+    """A tiny FLatten-DeiT trained 5 epochs on scikit-learn's digits (16x16, 4x4 patches) is far above chance on
+    the held-out quarter (55-72% over seeds 0-2): the class token reads the patches through focused linear
+    attention."""
     pytest.importorskip('sklearn')
     experiment = load_script('scripts/deit_warm_start.py')
     x, y, x_test, y_test = experiment.digits(16)
     model = experiment.flatten_deit(0, embed_dim=32, depth=2, num_heads=2)
     assert experiment.accuracy(model, x_test, y_test) < 0.2
-    experiment.train(model, x, y, epochs=3, seed=0, lr=3e-3)
-    assert experiment.accuracy(model, x_test, y_test) > 0.4  # chance is 0.1
+    experiment.train(model, x, y, epochs=5, seed=0, lr=3e-3)
+    assert experiment.accuracy(model, x_test, y_test) > 0.5  # chance is 0.1

@@ -106,9 +106,10 @@ class FlattenDeitBlock(Block):
         if attn_drop:
             raise ValueError(f'attn_drop_rate={attn_drop}: focused linear attention forms no attention matrix to '
                              f'drop from; use proj_drop_rate or drop_path_rate instead')
-        super().__init__(dim, num_heads, qkv_bias=qkv_bias, proj_drop=proj_drop, device=device, dtype=dtype,
-                         **kwargs)
-        # built after timm's softmax attention, which it replaces (a few small tensors built once)
+        kwargs.pop('attn_layer', None)  # VisionTransformer passes its (softmax) default
+        # nn.Identity takes timm's attention arguments and builds nothing: no softmax weights made, then thrown away
+        super().__init__(dim, num_heads, qkv_bias=qkv_bias, proj_drop=proj_drop, attn_layer=nn.Identity,
+                         device=device, dtype=dtype, **kwargs)
         self.attn = FlattenDeitAttention(
             dim, num_heads, grid_size=grid_size, num_prefix_tokens=num_prefix_tokens, qkv_bias=qkv_bias,
             focusing_factor=focusing_factor, kernel_size=kernel_size, proj_drop=proj_drop, attn_impl=attn_impl,
@@ -171,8 +172,9 @@ class FlattenDeit(VisionTransformer):
         if patch_drop_rate:
             raise ValueError(f'patch_drop_rate={patch_drop_rate}: dropping patches breaks the patch grid that the '
                              f'depthwise conv of focused linear attention runs on; use drop_path_rate instead')
-        if kwargs.get('block_fn') is not None:
-            raise ValueError('FlattenDeit builds its own blocks; block_fn cannot be set')
+        if kwargs.get('block_fn') is not None or kwargs.get('attn_layer') is not None:
+            raise ValueError('FlattenDeit builds its own blocks and attention (focused linear attention); block_fn '
+                             'and attn_layer cannot be set')
         img_size, patch = to_2tuple(img_size), to_2tuple(patch_size)
         grid_size = (img_size[0] // patch[0], img_size[1] // patch[1])
         block_fn = partial(

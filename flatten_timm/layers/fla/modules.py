@@ -217,7 +217,8 @@ class FocusedLinearAttention(nn.Module):
             return scale()
         key_size = (int(key_size[0]), int(key_size[1]))
         if key_size != self.key_grid_size and key_size[0] * key_size[1] * self.dim > MAX_CACHED_TABLE_ELEMENTS:
-            return scale()
+            # resized from the parameter, so a table of its own: scaled in place, one activation-sized buffer fewer
+            return self.key_positional_encoding(key_size).mul_(inv_scale).to(dtype)
         return self._folded.get((*key_size, dtype), (self.positional_encoding, self.scale), scale)
 
     def project_folded(self, x: torch.Tensor, feat_size: Tuple[int, int]):

@@ -100,6 +100,14 @@ def test_tables_of_large_grids_are_not_kept():
         assert not any(key[:2] == large for key in attn._folded._entries if isinstance(key, tuple))
         assert resizer(table, small) is resizer(table, small)
         torch.testing.assert_close(resizer(table, large), attn.key_positional_encoding(large), rtol=0, atol=0)
+        # recomputed on every call, scaled in its own buffer: the parameter stays as it was
+        _randomize(attn)
+        table = attn.positional_encoding.clone()
+        x = torch.randn(1, large[0] * large[1], 16)
+        fast = attn(x, large)
+        attn.attn_impl = 'reference'
+        torch.testing.assert_close(fast, attn(x, large), rtol=1e-4, atol=1e-5)
+        assert torch.equal(attn.positional_encoding, table)
         learned_large = FocusedLinearAttention(16, 2, grid_size=large).eval()
         learned_large(torch.randn(1, large[0] * large[1], 16), large)
         assert (*large, torch.float32) in learned_large._folded._entries

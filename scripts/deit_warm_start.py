@@ -135,9 +135,6 @@ def main(argv: List[str] = None) -> int:
         return convert(args.convert, args.model, args.softmax, args.softmax_checkpoint)
     if args.threads:
         torch.set_num_threads(args.threads)
-    # this model's training steps produce subnormal float32 values, whose arithmetic is slow on a CPU (steps were
-    # 3-5x slower here without flushing them); they change no figure of the experiment beyond noise
-    torch.set_flush_denormal(True)
     data = digits(ARCH['img_size'])
     start = time.perf_counter()
     results = []

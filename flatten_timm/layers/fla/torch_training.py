@@ -3,13 +3,26 @@
 Autograd through the forward's ops would keep phi(q), phi(k), the output's numerator and float32 copies of q
 and k per layer; `TorchAttentionFn` keeps q, k and v (views of the projections, which autograd keeps anyway)
 and recomputes the focused maps and the kv state from them in backward.
+
+The backward carries its gradients multiplied by GRADIENT_SCALE. A channel at the floor maps to
+~(1e-6 / s)**p (1e-18 for p = 3), and where a channel is at the floor in every key (or query), the gradients of
+the other map are as small in it: the backward multiplies such values together (k_phi @ dstate for dv, dphi . u
+and dphi * t**(p-1) in the focusing maps), and their ~1e-40 is subnormal in float32, which many CPUs compute
+with many times slower (a training step of a tiny FLatten-DeiT made over a million of them). Scaled by 2**64
+they stay normal. The scale, a power of two, changes no rounding; it is undone where the
+gradients leave: dv in its matmul, dq and dk after the max() (which zeroes their entries at the floor), the
+floor's gradient after its sum over tokens.
 """
 import torch
 from torch.autograd.function import once_differentiable
 
 from .torch_inference import attend_without_autograd, diagonal_blocks, head_state
 
-__all__ = ['TorchAttentionFn']
+__all__ = ['GRADIENT_SCALE', 'TorchAttentionFn']
+
+# the backward's values stay finite up to 2**128 / GRADIENT_SCALE ~ 1.8e19 (1 / normaliser is at most 1e6: output
+# gradients up to ~1e13)
+GRADIENT_SCALE = 2.0 ** 64
 
 
 class TorchAttentionFn(torch.autograd.Function):
@@ -50,6 +63,7 @@ def _maps_backward(q, keys, v, floor, grad, p: float, num_heads: int, block_diag
     pass of the focusing maps and their backward runs once over both."""
     n = keys.shape[1]
     attention_backward = _attention_backward_block_diagonal if block_diagonal else _attention_backward_per_head
+    # du and dk_phi come times GRADIENT_SCALE (dv without it), and so do the maps' gradients down to the floor's
     if q.shape == keys.shape and stack_qk:
         maps = FocusingKernel(torch.stack([q, keys], dim=2), floor, p)  # (B, N, 2, C)
         q_phi, k_phi = maps.phi(v.dtype).unbind(2)
@@ -57,12 +71,12 @@ def _maps_backward(q, keys, v, floor, grad, p: float, num_heads: int, block_diag
         dphi = torch.stack([du, dk_phi], dim=2).to(floor.dtype)  # the maps' precision: float32 or wider
         dx, dfloor = maps.through_max(maps.backward(dphi), q.dtype, floor_grad)
         dq, dk = dx.unbind(2)
-        return dq, dk, dv, dfloor
+        return dq, dk, dv, dfloor.mul_(1 / GRADIENT_SCALE) if floor_grad else None
     queries, keys = FocusingKernel(q, floor, p), FocusingKernel(keys, floor, p)
     du, dk_phi, dv = attention_backward(queries.phi(v.dtype), keys.phi(v.dtype), v, n * 1e-6, grad, num_heads)
     dq, dfloor_q = queries.through_max(queries.backward(du.to(floor.dtype)), q.dtype, floor_grad)
     dk, dfloor_k = keys.through_max(keys.backward(dk_phi.to(floor.dtype)), q.dtype, floor_grad)
-    return dq, dk, dv, dfloor_q + dfloor_k if floor_grad else None
+    return dq, dk, dv, dfloor_q.add_(dfloor_k).mul_(1 / GRADIENT_SCALE) if floor_grad else None
 
 
 class FocusingKernel:
@@ -90,12 +104,16 @@ class FocusingKernel:
         return torch.mul(self.unit, self.norm, out=torch.empty_like(self.unit, dtype=dtype))
 
     def through_max(self, dt: torch.Tensor, x_dtype: torch.dtype, floor_grad: bool):
-        """Gradients of x and (if floor_grad) of floor from dt (consumed), that of t = max(x, floor)."""
+        """Gradients of x and (if floor_grad) of floor from dt (consumed), that of t = max(x, floor), times
+        GRADIENT_SCALE: x's comes without the scale, floor's with it (the caller undoes it after the sum over the
+        tokens, whose terms alone may be subnormal)."""
         # 1 where x > floor, else 0 (t - floor is 0 exactly there), as a number: on a CPU, where() and products
         # with a boolean mask run 10-30x slower than products with a float one
         above = (self.t - self.floor).sign_()
         dfloor = torch.addcmul(dt, dt, above, value=-1).flatten(0, -2).sum(0) if floor_grad else None
-        return dt.mul_(above).to(x_dtype), dfloor
+        dx = dt.mul_(above)  # the entries at the floor, the tiny ones, are zero: the scale can go
+        out = dx if dx.dtype == x_dtype else torch.empty_like(dx, dtype=x_dtype)
+        return torch.mul(dx, 1 / GRADIENT_SCALE, out=out), dfloor
 
 
 def _attention_backward_per_head(u, k_phi, v, eps, grad, num_heads: int):
@@ -111,16 +129,17 @@ def _attention_backward_per_head(u, k_phi, v, eps, grad, num_heads: int):
         kv = torch.cat([torch.bmm(k_i.transpose(1, 2), v_i), k_i.sum(1).unsqueeze(-1)], dim=-1)
         out = torch.bmm(u_i, kv).to(torch.promote_types(u.dtype, torch.float32))
         normaliser = out[..., d:] + eps
+        scaled_normaliser = normaliser * (1 / GRADIENT_SCALE)  # dout comes out times GRADIENT_SCALE
         # [dnumerator | dnormaliser], in v's dtype for the matmuls below
         dout = u.new_empty(B, N, d + 1)
-        dout[..., :d] = grad_i / normaliser
-        dnormaliser = (grad_i * out[..., :d]).sum(-1, keepdim=True).div_(normaliser.square()).neg_()
+        dout[..., :d] = grad_i / scaled_normaliser
+        dnormaliser = (grad_i * out[..., :d]).sum(-1, keepdim=True).div_(normaliser * scaled_normaliser).neg_()
         dout[..., d:] = dnormaliser
         du.append(torch.bmm(dout, kv.transpose(1, 2)))
         dkv = torch.bmm(u_i.transpose(1, 2), dout)
         dstate, dsum = dkv[..., :d], dkv[..., d:]
         dk_phi.append(torch.baddbmm(dsum.transpose(1, 2), v_i, dstate.transpose(1, 2)))
-        dv.append(torch.bmm(k_i, dstate))
+        dv.append(_unscaled_bmm(k_i, dstate))
     du, dk_phi, dv = (x[0] if num_heads == 1 else torch.cat(x, dim=-1) for x in (du, dk_phi, dv))
     return du, dk_phi, dv
 
@@ -132,12 +151,13 @@ def _attention_backward_block_diagonal(u, k_phi, v, eps, grad, num_heads: int):
     state = head_state(k_phi, v, H)
     out = torch.bmm(u, state).to(torch.promote_types(u.dtype, torch.float32))
     normaliser = (out[..., C:] + eps).unsqueeze(-1)
+    scaled_normaliser = normaliser * (1 / GRADIENT_SCALE)  # dout comes out times GRADIENT_SCALE
     grad_heads = grad.unflatten(-1, (H, -1))
     # [dnumerator | dnormaliser], in v's dtype for the matmuls below
     dout = u.new_empty(B, N, C + H)
-    dout[..., :C] = (grad_heads / normaliser).flatten(2)
+    dout[..., :C] = (grad_heads / scaled_normaliser).flatten(2)
     dnormaliser = (grad_heads * out[..., :C].unflatten(-1, (H, -1))).sum(-1, keepdim=True)
-    dnormaliser = dnormaliser.div_(normaliser.square()).neg_()
+    dnormaliser = dnormaliser.div_(normaliser * scaled_normaliser).neg_()
     dout[..., C:] = dnormaliser.flatten(2)
     du = torch.bmm(dout, state.transpose(1, 2))
     dfull = torch.bmm(u.transpose(1, 2), dout)
@@ -145,5 +165,10 @@ def _attention_backward_block_diagonal(u, k_phi, v, eps, grad, num_heads: int):
     diagonal_blocks(dstate, H).copy_(diagonal_blocks(dfull[..., :C], H))
     dsum = dfull[..., C:].view(B, H, C // H, H).diagonal(dim1=1, dim2=3).transpose(1, 2).reshape(B, 1, C)
     dk_phi = torch.baddbmm(dsum, v, dstate.transpose(1, 2))
-    dv = torch.bmm(k_phi, dstate)
+    dv = _unscaled_bmm(k_phi, dstate)
     return du, dk_phi, dv
+
+
+def _unscaled_bmm(a: torch.Tensor, scaled: torch.Tensor) -> torch.Tensor:
+    """a @ scaled / GRADIENT_SCALE, the scale undone in the matmul itself (beta=0: the empty input is not read)."""
+    return torch.baddbmm(a.new_empty(()), a, scaled, beta=0, alpha=1 / GRADIENT_SCALE)

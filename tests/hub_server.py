@@ -5,6 +5,7 @@ huggingface_hub reads (X-Repo-Commit, ETag, Content-Length), and 404 with the Hu
 files that are not there. Every request is recorded, so tests can tell whether the network was used.
 """
 import hashlib
+import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -64,3 +65,24 @@ class HubServer:
     def __exit__(self, *exc):
         self._httpd.shutdown()
         self._httpd.server_close()
+
+
+def recording_hub_api(uploads: List[tuple]) -> type:
+    """A stand-in for huggingface_hub.HfApi (the Hub is out of reach) that records each upload in `uploads` as
+    (repo_id, the uploaded folder's file names)."""
+    import huggingface_hub
+
+    class RecordingApi:
+        endpoint = 'https://huggingface.co'
+
+        def __init__(self, **kwargs):
+            pass
+
+        def create_repo(self, repo_id, private=False, exist_ok=False):
+            assert exist_ok  # converting again into the same repository must not fail
+            return huggingface_hub.RepoUrl(f'https://huggingface.co/{repo_id}')
+
+        def upload_folder(self, repo_id, folder_path, commit_message):
+            uploads.append((repo_id, sorted(os.listdir(folder_path))))
+
+    return RecordingApi

@@ -2,7 +2,6 @@
 timm Hub folder that loads back with the softmax weights and says it is an initialisation, not a trained model."""
 import contextlib
 import json
-import os
 
 import pytest
 import timm
@@ -10,6 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import load_script
+from hub_server import recording_hub_api
 from flatten_timm.cli import main
 from flatten_timm.hub import convert_checkpoint, convert_from_softmax, create_model_as_trained, load_checkpoint_config
 
@@ -33,23 +33,10 @@ def converted(softmax_file, tmp_path_factory):
     """The command's folder, stdout and uploads (the Hub itself is out of reach: its client records them)."""
     import huggingface_hub
     uploads = []
-
-    class RecordingApi:
-        endpoint = 'https://huggingface.co'
-
-        def __init__(self, **kwargs):
-            pass
-
-        def create_repo(self, repo_id, private=False, exist_ok=False):
-            return huggingface_hub.RepoUrl(f'https://huggingface.co/{repo_id}')
-
-        def upload_folder(self, repo_id, folder_path, commit_message):
-            uploads.append((repo_id, sorted(os.listdir(folder_path))))
-
     folder = tmp_path_factory.mktemp('converted') / 'warm_start'
     capture = tmp_path_factory.mktemp('stdout') / 'stdout.txt'
     with pytest.MonkeyPatch.context() as mp, open(capture, 'w') as stdout, contextlib.redirect_stdout(stdout):
-        mp.setattr(huggingface_hub, 'HfApi', RecordingApi)
+        mp.setattr(huggingface_hub, 'HfApi', recording_hub_api(uploads))
         rc = main(['convert', '--from-softmax', SOFTMAX, '--model', MODEL, '--checkpoint', str(softmax_file),
                    '--output', str(folder), '--push-to-hub', REPO_ID])
     assert rc == 0

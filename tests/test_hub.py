@@ -14,7 +14,7 @@ from conftest import PARITY_CASES, model_kwargs_for, official_state_dict, parity
 from flatten_timm.checkpoint import create_model_from_checkpoint
 from flatten_timm.cli import main
 from flatten_timm.hub import convert_checkpoint
-from hub_server import HubServer
+from hub_server import HubServer, recording_hub_api
 
 REPO_ID = 'flatten-test/flatten_pvt_tiny.tiny'
 
@@ -130,21 +130,7 @@ def test_push_to_hub_uploads_the_converted_folder(tmp_path, monkeypatch, capsys)
     """The upload itself needs the real Hub; what is checked is that the converted folder is what goes up."""
     import huggingface_hub
     uploads = []
-
-    class RecordingApi:
-        endpoint = 'https://huggingface.co'
-
-        def __init__(self, **kwargs):
-            pass
-
-        def create_repo(self, repo_id, private=False, exist_ok=False):
-            assert exist_ok
-            return huggingface_hub.RepoUrl(f'https://huggingface.co/{repo_id}')
-
-        def upload_folder(self, repo_id, folder_path, commit_message):
-            uploads.append((repo_id, sorted(os.listdir(folder_path))))
-
-    monkeypatch.setattr(huggingface_hub, 'HfApi', RecordingApi)
+    monkeypatch.setattr(huggingface_hub, 'HfApi', recording_hub_api(uploads))
     torch.save(timm.create_model('flatten_pvt_v2_b0').state_dict(), tmp_path / 'b0.pth')
     assert main(['convert', '--model', 'flatten_pvt_v2_b0', '--checkpoint', str(tmp_path / 'b0.pth'),
                  '--output', str(tmp_path / 'out'), '--push-to-hub', 'me/flatten_pvt_v2_b0.in1k']) == 0

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .parameter_cache import MAX_CACHED_TABLE_ELEMENTS, ParameterCache
+from .parameter_cache import ParameterCache
 from .symbolic_shapes import is_exporting, may_pad
 
 __all__ = ['tokens_to_map', 'map_to_tokens', 'tokens_to_channels_last', 'channels_last_to_tokens', 'pad_nhwc',
@@ -90,10 +90,9 @@ class GridTableResizer:
     """ A learned (1, h*w, C) table (positional encoding / embedding) resized to the grid in use.
 
     At the training grid the parameter itself is returned (bit-identical to a fixed-size model).
-    Other sizes are interpolated; in inference (no grad) a result of at most MAX_CACHED_TABLE_ELEMENTS
-    is kept per size until the parameter changes (a `ParameterCache`), so a detector running at a fixed
-    size does no per-call allocation, and large grids add no cached table to the peak memory. Not an
-    nn.Module: it holds no state that belongs in a state dict.
+    Other sizes are interpolated; in inference (no grad) the result is kept per size until the
+    parameter changes (a `ParameterCache`), so a detector running at a fixed size does no per-call
+    allocation. Not an nn.Module: it holds no state that belongs in a state dict.
     """
 
     def __init__(self, grid_size: Tuple[int, int]):
@@ -106,8 +105,6 @@ class GridTableResizer:
         size = (int(size[0]), int(size[1]))
         if size == self.grid_size:
             return table
-        if size[0] * size[1] * table.shape[-1] > MAX_CACHED_TABLE_ELEMENTS:
-            return resample_grid_tokens(table, self.grid_size, size)
         return self._cache.get(size, (table,), lambda: resample_grid_tokens(table, self.grid_size, size))
 
     def clear(self):

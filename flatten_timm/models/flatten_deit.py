@@ -41,6 +41,7 @@ from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from flatten_timm.layers import FocusedLinearAttention, Mlp
+from flatten_timm.layers.parameter_cache import MAX_CACHED_TABLE_ELEMENTS
 from flatten_timm.layers.symbolic_shapes import is_exporting
 from ._base import check_images
 from ._convert import fit_state_dict_to_model, unwrap_state_dict
@@ -58,6 +59,9 @@ class FlattenDeitAttention(FocusedLinearAttention):
     """
 
     def __init__(self, dim: int, num_heads: int, grid_size: Tuple[int, int], num_prefix_tokens: int = 1, **kwargs):
+        # every block attends over all tokens at full width: key encodings kept per block at a large image would
+        # outweigh the inference's own memory
+        kwargs.setdefault('max_cached_table_elements', MAX_CACHED_TABLE_ELEMENTS)
         super().__init__(dim, num_heads, grid_size=grid_size, **kwargs)
         self.num_prefix_tokens = num_prefix_tokens
 

@@ -14,7 +14,7 @@ from timm.layers import register_notrace_module
 from ..fused_inference import Linear, fused_linear
 from ..grid_tokens import (
     channels_last_to_tokens, map_to_tokens, resample_grid_tokens, tokens_to_channels_last, tokens_to_map)
-from ..parameter_cache import MAX_CACHED_TABLE_ELEMENTS, ParameterCache
+from ..parameter_cache import ParameterCache
 from ..spatial_reduction import SpatialReduction
 from ..symbolic_shapes import is_exporting
 from .dispatch import resolve_attn_impl, run_focused_linear_attention
@@ -74,6 +74,8 @@ class FocusedLinearAttention(nn.Module):
         proj_drop: dropout after the output projection.
         attn_impl: 'auto' (the faster of torch ops and the fused Triton kernels, timed once per shape on CUDA),
             'torch', 'triton', or 'reference' (the spec's order of operations); FLATTEN_ATTN_IMPL overrides.
+        max_cached_table_elements: inference keeps the key encoding resized to another grid only up to this many
+            values (None: at any size; see `parameter_cache.MAX_CACHED_TABLE_ELEMENTS`).
     """
 
     def __init__(
@@ -88,6 +90,7 @@ class FocusedLinearAttention(nn.Module):
             kernel_size: int = 5,
             proj_drop: float = 0.,
             attn_impl: str = 'auto',
+            max_cached_table_elements: Optional[int] = None,
             device=None,
             dtype=None,
     ):
@@ -121,6 +124,7 @@ class FocusedLinearAttention(nn.Module):
         self.proj = Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
         self._folded = ParameterCache()
+        self.max_cached_table_elements = max_cached_table_elements
         resolve_attn_impl(attn_impl, env_override='')  # fail early on a typo
         self.attn_impl = attn_impl
 
@@ -210,13 +214,14 @@ class FocusedLinearAttention(nn.Module):
 
     def _scaled_key_encoding(self, key_size: Tuple[int, int], inv_scale: torch.Tensor, dtype: torch.dtype):
         """The key positional encoding at key_size, divided by the kernel's scale, in `dtype`. Kept for inference
-        at the training grid (a copy of the parameter) and at other grids up to MAX_CACHED_TABLE_ELEMENTS."""
+        at the training grid (a copy of the parameter) and at other grids up to `max_cached_table_elements`."""
         def scale():
             return (self.key_positional_encoding(key_size) * inv_scale).to(dtype)
         if not ParameterCache.active():  # (checked first: the key size may be a symbol)
             return scale()
         key_size = (int(key_size[0]), int(key_size[1]))
-        if key_size != self.key_grid_size and key_size[0] * key_size[1] * self.dim > MAX_CACHED_TABLE_ELEMENTS:
+        limit = self.max_cached_table_elements
+        if key_size != self.key_grid_size and limit is not None and key_size[0] * key_size[1] * self.dim > limit:
             # resized from the parameter, so a table of its own: scaled in place, one activation-sized buffer fewer
             return self.key_positional_encoding(key_size).mul_(inv_scale).to(dtype)
         return self._folded.get((*key_size, dtype), (self.positional_encoding, self.scale), scale)

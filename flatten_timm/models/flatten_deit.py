@@ -322,6 +322,12 @@ class WarmStart:
     reinitialised: List[str] = field(default_factory=list)
 
 
+def _pos_embed_on_grid(pos_embed: torch.Tensor, model: FlattenDeit) -> torch.Tensor:
+    """A position embedding of another grid resampled to the model's (its prefix rows kept)."""
+    prefix = 0 if model.no_embed_class else model.num_prefix_tokens
+    return resample_abs_pos_embed(pos_embed, new_size=model.patch_embed.grid_size, num_prefix_tokens=prefix)
+
+
 _ADDED_BY_FOCUSED_ATTENTION = ('.attn.dwc.weight', '.attn.dwc.bias', '.attn.scale', '.attn.positional_encoding')
 
 
@@ -357,8 +363,7 @@ def warm_start_from_softmax(model: FlattenDeit, softmax: Union[nn.Module, Mappin
         v, target = state_dict[k], targets[k]
         if v.shape != target.shape:
             if k == 'pos_embed':
-                prefix = 0 if model.no_embed_class else model.num_prefix_tokens
-                v = resample_abs_pos_embed(v, new_size=model.patch_embed.grid_size, num_prefix_tokens=prefix)
+                v = _pos_embed_on_grid(v, model)
                 report.resampled.append(k)
             elif k.startswith('head.'):
                 report.reinitialised.append(k)
@@ -382,9 +387,7 @@ def checkpoint_filter_fn(state_dict, model: FlattenDeit):
     state_dict = unwrap_state_dict(state_dict)
     pos_embed = state_dict.get('pos_embed')
     if pos_embed is not None and pos_embed.shape != model.pos_embed.shape:
-        prefix = 0 if model.no_embed_class else model.num_prefix_tokens
-        state_dict['pos_embed'] = resample_abs_pos_embed(
-            pos_embed, new_size=model.patch_embed.grid_size, num_prefix_tokens=prefix)
+        state_dict['pos_embed'] = _pos_embed_on_grid(pos_embed, model)
     return fit_state_dict_to_model(state_dict, model)
 
 

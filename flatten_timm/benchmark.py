@@ -10,10 +10,10 @@ import importlib.util
 import io
 import json
 import logging
-import multiprocessing
 import os
 import platform
 import statistics
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -148,10 +148,10 @@ def _sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def _make_step(model: nn.Module, img_size: Size, batch_size: int, dtype: str, mode: str, device: torch.device):
-    """One inference batch or training step of `model` as a closure (compiled in 'compile' mode)."""
+def _make_step(model: nn.Module, x: torch.Tensor, dtype: str, mode: str, device: torch.device):
+    """One inference batch or training step of `model` on the images `x` as a closure (compiled in 'compile'
+    mode)."""
     amp = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(dtype)
-    x = torch.randn(batch_size, 3, *img_size, device=device)
     model = model.to(device)
     if mode == 'compile':
         model = torch.compile(model)
@@ -178,65 +178,67 @@ def _make_step(model: nn.Module, img_size: Size, batch_size: int, dtype: str, mo
     return step
 
 
-def _resident_mib(field: str) -> float:
-    """A field of /proc/self/status in MiB: VmRSS (resident now) or VmHWM (its high-water mark)."""
-    with open('/proc/self/status') as f:
-        for line in f:
-            if line.startswith(field + ':'):
-                return int(line.split()[1]) / 1024
-    raise OSError(f'/proc/self/status has no {field}')
+def _images(batch_size: int, img_size: Size, device: torch.device) -> torch.Tensor:
+    return torch.randn(batch_size, 3, *img_size, device=device)
 
 
-def _reset_resident_peak():
-    """Set VmHWM to the resident set now (Linux 4.0+)."""
-    with open('/proc/self/clear_refs', 'w') as f:
-        f.write('5')
+def _allocated_peak_bytes(profiler) -> int:
+    """The highest sum of the CPU allocations a `torch.profiler.profile(profile_memory=True)` saw, from zero at
+    its start: each allocation and free in time order."""
+    events = sorted((e.start_ns(), e.nbytes()) for e in profiler.profiler.kineto_results.events()
+                    if e.name() == '[memory]' and e.device_type() == torch.autograd.DeviceType.CPU)
+    held = peak = 0
+    for _, nbytes in events:
+        held += nbytes
+        peak = max(peak, held)
+    return peak
 
 
-def _peak_in_this_process(contender: Tuple[str, str], img_size: Size, batch_size: int, dtype: str, mode: str,
-                          official_repo: Optional[str], features_only: bool, threads: int) -> float:
-    torch.set_num_threads(threads)
-    before = _resident_mib('VmRSS')
-    torch.manual_seed(0)
-    model = _build(*contender, img_size, official_repo, features_only)
-    step = _make_step(model, img_size, batch_size, dtype, mode, torch.device('cpu'))
-    _reset_resident_peak()  # what building the model allocated and freed is not the inference's
-    step()  # the first step's one-time allocations (caches kept for the next calls) count too
-    step()
-    return _resident_mib('VmHWM') - before
-
-
-def _report_peak(queue, *args):
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """The process's stderr (file descriptor 2) sent to /dev/null: the profiler's native library prints a line at
+    every start and stop that no option turns off. (The steps it traces have run before: their warnings have
+    been shown.)"""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     try:
-        queue.put(('ok', _peak_in_this_process(*args)))
-    except BaseException as e:  # told to the parent, which goes on without this figure
-        queue.put(('error', f'{type(e).__name__}: {e}'))
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def cpu_peak_memory_mib(contender: Tuple[str, str], img_size: Size, batch_size: int, dtype: str = 'fp32',
-                        mode: str = 'infer', official_repo: Optional[str] = None, features_only: bool = False,
-                        threads: Optional[int] = None) -> Optional[float]:
+                        mode: str = 'infer', official_repo: Optional[str] = None, features_only: bool = False
+                        ) -> Optional[float]:
     """Peak memory (MiB) of a (model name, kind) contender's steps on the CPU, as CUDA's max_memory_allocated
-    counts it: the weights, the input and everything two steps allocate (the first one's caches included).
+    counts it: the bytes of tensors held at the highest point, the weights, the input and everything two steps
+    allocate (caches the first one keeps included).
 
-    Read from the process's resident set: its high-water mark during the steps minus what the process held before
-    the model was built. Measured in a fresh process, so that memory the allocator kept from other contenders
-    serves none of it. None, with a warning, where that cannot be read (no Linux /proc) or the process failed.
+    The model is built afresh and its steps' allocations and frees are read from torch's profiler. Like CUDA's
+    figure it leaves out what the allocator keeps of freed memory (glibc's heap, whose resident pages varied by
+    25 MiB between identical runs of one model) and the libraries' code and own buffers. None, with a warning,
+    where the steps fail or this build of torch's profiler records no allocations.
     """
-    context = multiprocessing.get_context('spawn')
-    queue = context.Queue()
-    process = context.Process(target=_report_peak, args=(
-        queue, contender, img_size, batch_size, dtype, mode, official_repo, features_only,
-        threads or torch.get_num_threads()))
-    process.start()
     try:
-        status, value = queue.get()
-    finally:
-        process.join()
-    if status != 'ok':
-        _logger.warning(f'peak memory of {contender[0]} at {size_label(img_size)} not measured: {value}')
+        torch.manual_seed(0)
+        model = _build(*contender, img_size, official_repo, features_only)
+        x = _images(batch_size, img_size, torch.device('cpu'))
+        step = _make_step(model, x, dtype, mode, torch.device('cpu'))
+        tensors = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                   for t in (*model.parameters(), *model.buffers(), x)}
+        with _native_stderr_silenced(), torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            step()  # the first step's one-time allocations (caches kept for the next calls) count too
+            step()
+        return (sum(tensors.values()) + _allocated_peak_bytes(prof)) / 2 ** 20
+    except Exception as e:  # the others are measured without this figure
+        _logger.warning(f'peak memory of {contender[0]} at {size_label(img_size)} not measured: '
+                        f'{type(e).__name__}: {e}')
         return None
-    return value
 
 
 def time_steps(steps: Sequence[Callable[[], None]], device: torch.device, warmup: int = 3, repeats: int = 10,
@@ -289,12 +291,12 @@ def _measure(name, contenders, img_size: Size, batch_size, dtype, mode, device, 
             with torch.device('meta'):  # counting on the meta device costs nothing
                 counts.append(count_params_and_gmacs(
                     _build(model_name, kind, img_size, official_repo, features_only), (3, *img_size)))
-        built.append(_make_step(model, img_size, batch_size, dtype, mode, device))
+        built.append(_make_step(model, _images(batch_size, img_size, device), dtype, mode, device))
     names = [model_name if kind != 'official' else f'official {model_name}' for model_name, kind in contenders]
     timings = time_steps(built, device, warmup, repeats, progress=progress, names=names)
     if cpu_memory and device.type == 'cpu':
         if progress is not None:
-            progress('  peak memory: each model in a fresh process')
+            progress('  peak memory: each model built again, its allocations traced over two steps')
         for contender, timing in zip(contenders, timings):
             timing['peak_mib'] = cpu_peak_memory_mib(contender, img_size, batch_size, dtype, mode, official_repo,
                                                      features_only)
@@ -324,8 +326,8 @@ def benchmark(models: Sequence[str], img_sizes: Sequence = (224,), batch_size: i
     """Measure each flatten model, its softmax peer and (with official_repo) the official code, side by side.
 
     img_sizes: 224 or (800, 1344) / '800x1344'; features_only: the backbones as detectors use them.
-    Peak memory: CUDA's max_memory_allocated; on a CPU (cpu_memory) `cpu_peak_memory_mib`, a fresh process per
-    model and size.
+    Peak memory: CUDA's max_memory_allocated; on a CPU (cpu_memory) `cpu_peak_memory_mib`, the same count from
+    torch's profiler.
     progress(text), if given, is told what is being measured as it starts: '[n/m] model beside peer at size, ...'.
     """
     device = torch.device(device)

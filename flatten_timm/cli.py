@@ -304,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="device to measure on, e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu)")
     bench.add_argument('--no-peers', action='store_true', help="skip timm's softmax models")
     bench.add_argument('--no-memory', action='store_true',
-                       help='skip the peak memory on a CPU (measured in a fresh process per model and size, which '
+                       help='skip the peak memory on a CPU (each model is built again and two steps traced, which '
                             'takes a few seconds each; on CUDA it is free and always measured)')
     bench.add_argument('--official-repo', default=None,
                        help='a checkout of LeapLabTHU/FLatten-Transformer, to measure the official code too')

@@ -98,10 +98,15 @@ def test_tables_of_large_grids_are_kept_up_to_the_layers_limit():
         for attn in (limited.eval(), unlimited.eval(), learned_large.eval()):
             for size in (small, large):
                 attn(torch.randn(1, size[0] * size[1], 16), size)
-        assert (*small, torch.float32) in limited._folded._entries
-        assert (*large, torch.float32) not in limited._folded._entries
-        assert (*large, torch.float32) in unlimited._folded._entries
-        assert (*large, torch.float32) in learned_large._folded._entries
+        assert ('key encoding', *small) in limited._folded._entries
+        assert ('key encoding', *large) not in limited._folded._entries
+        assert ('key encoding', *large) in unlimited._folded._entries
+        assert ('key encoding', *large) not in learned_large._folded._entries  # its parameter, as it is
+        with torch.autocast('cpu', dtype=torch.bfloat16):  # folded into the projections: the table scaled
+            for attn in (limited, unlimited):
+                attn(torch.randn(1, large[0] * large[1], 16), large)
+        assert (*large, torch.bfloat16) not in limited._folded._entries
+        assert (*large, torch.bfloat16) in unlimited._folded._entries
         # recomputed on every call, scaled in its own buffer: the parameter stays as it was
         _randomize(limited)
         table = limited.positional_encoding.clone()
@@ -124,15 +129,15 @@ def test_autocast_bf16_is_finite():
 
 @pytest.mark.parametrize('sr_ratio', [1, 2])
 def test_inference_reuses_what_it_folds_from_the_parameters(sr_ratio, monkeypatch):
-    """Folded projections, mixing kernel and scaled key encoding are computed once for inference, and again
+    """The projections' parts, kernel scales and mixing kernel are taken once for inference, and again
     whenever a parameter changes (in place, loaded, moved or cast); with gradients they are in the graph."""
     import copy
     import importlib
     import pickle
     fla = importlib.import_module('flatten_timm.layers.fla.modules')
     folds = []
-    fold = fla._fold_kernel_into
-    monkeypatch.setattr(fla, '_fold_kernel_into', lambda *args: folds.append(1) or fold(*args))
+    split = fla._split_kernel_rows
+    monkeypatch.setattr(fla, '_split_kernel_rows', lambda *args: folds.append(1) or split(*args))
 
     attn = FocusedLinearAttention(16, 2, grid_size=(6, 6), sr_ratio=sr_ratio).eval()
     _randomize(attn)
@@ -170,6 +175,35 @@ def test_inference_reuses_what_it_folds_from_the_parameters(sr_ratio, monkeypatc
     assert len(copy.deepcopy(attn)._folded) == 0 and len(pickle.loads(pickle.dumps(attn))._folded) == 0
     attn(x, (8, 10)).sum().backward()  # training: gradients reach the parameters folded into the projections
     assert attn.scale.grad.abs().sum() > 0 and attn.dwc.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize('sr_ratio', [1, 2])
+def test_float32_inference_keeps_no_copy_of_the_projections(sr_ratio):
+    """Inference in the parameters' dtype applies the kernel's 1 / s and shift to q and k by one pass, instead of
+    keeping projections with them folded in (two thirds of every qkv weight): what it keeps are views of the
+    parameters and vectors; its output is the folded path's (training's) and the spec's."""
+    attn = FocusedLinearAttention(32, 4, grid_size=(6, 6), sr_ratio=sr_ratio).eval()
+    _randomize(attn)
+    x = torch.randn(2, 8 * 10, 32)
+    with torch.no_grad():
+        out = attn(x, (8, 10))
+    parameter_storages = {p.untyped_storage().data_ptr() for p in attn.parameters()}
+    kept = [t for entry in attn._folded._entries.values() for t in _tensors_in(entry[1])]
+    assert kept
+    copies = [t for t in kept if t.untyped_storage().data_ptr() not in parameter_storages]
+    assert sum(t.numel() for t in copies) <= 5 * 32 + attn.dwc.weight.numel() * attn.num_heads + 32 * 8 * 10, \
+        [tuple(t.shape) for t in copies]  # scales, floors, the mixing kernel and bias, a resized key encoding
+    torch.testing.assert_close(out, attn(x, (8, 10)).detach(), rtol=1e-5, atol=1e-5)  # the folded path
+    attn.attn_impl = 'reference'
+    torch.testing.assert_close(out, attn(x, (8, 10)).detach(), rtol=1e-4, atol=1e-5)
+
+
+def _tensors_in(value):
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for item in value for t in _tensors_in(item)]
+    return []
 
 
 def test_parameter_cache_keeps_the_recent_keys_only():

@@ -1,6 +1,5 @@
 """ What the speed work must keep: compilable models, finite mixed precision, and the benchmark command."""
 import json
-from pathlib import Path
 
 import pytest
 import timm
@@ -223,16 +222,34 @@ def test_timed_steps_take_turns():
     assert all(t['peak_mib'] is None for t in timings)
 
 
-@pytest.mark.skipif(not Path('/proc/self/clear_refs').exists(), reason='needs Linux /proc')
-def test_cpu_peak_memory_counts_weights_input_and_activations():
-    """The CPU peak (a fresh process per contender) grows with the input: a batch of 4 at 512 px holds 12 MiB of
-    input and several times that of activations more than one image at 64 px; a contender that fails gives None."""
-    from flatten_timm.benchmark import cpu_peak_memory_mib
+def test_cpu_peak_memory_counts_weights_input_and_what_the_steps_hold(monkeypatch):
+    """The CPU peak counts bytes as CUDA's max_memory_allocated does: weights + input + the most the steps hold at
+    once, a cache the first step keeps included; a real model's figure grows with its input; a contender that
+    fails gives None."""
+    from flatten_timm import benchmark as bench_module
+
+    class Known(torch.nn.Module):  # 1 KiB of weight; a 4 KiB cache on the first call; two 48 KiB activations
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(256))
+            self.cache = None
+
+        def forward(self, x):
+            if self.cache is None:
+                self.cache = torch.ones(1024)
+            return (x * 2) + 1  # x * 2 is held while + 1 allocates
+
+    monkeypatch.setattr(bench_module, '_build', lambda *args: Known())
+    image = 3 * 64 * 64 * 4
+    expected = (1024 + image + 4096 + 2 * image) / 2 ** 20
+    assert bench_module.cpu_peak_memory_mib(('known', 'flatten'), (64, 64), 1) == pytest.approx(expected, abs=1e-3)
+    monkeypatch.undo()
+
     contender = ('flatten_pvt_v2_b0', 'flatten')
-    small = cpu_peak_memory_mib(contender, (64, 64), 1, threads=1)
-    large = cpu_peak_memory_mib(contender, (512, 512), 4, threads=1)
+    small = bench_module.cpu_peak_memory_mib(contender, (64, 64), 1)
+    large = bench_module.cpu_peak_memory_mib(contender, (512, 512), 4)
     assert 13 < small < 200 and large > small + 4 * 3 * 512 * 512 * 4 / 2 ** 20, (small, large)  # 3.7 M weights
-    assert cpu_peak_memory_mib(('flatten_no_such_model', 'flatten'), (64, 64), 1, threads=1) is None
+    assert bench_module.cpu_peak_memory_mib(('flatten_no_such_model', 'flatten'), (64, 64), 1) is None
 
 
 def test_a_failing_group_is_logged_and_the_others_measured(monkeypatch, caplog):

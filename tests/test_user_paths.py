@@ -255,7 +255,7 @@ def test_bench_shows_what_it_measures(capsys):
     out, err = capsys.readouterr()
     assert '[1/1] flatten_pvt_v2_b0 at 64, infer, fp32, batch 1 on cpu' in err
     assert 'warming up flatten_pvt_v2_b0' in err and 'timing 1 batch of each' in err and 'img/s' in err
-    assert 'peak memory: each model in a fresh process' in err  # by default, on a CPU too
+    assert 'peak memory: each model built again' in err  # by default, on a CPU too
     row = next(line for line in out.splitlines() if line.startswith('| flatten_pvt_v2_b0 '))
     assert float(row.split('|')[10]) > 13  # MiB: at least the 3.7 M weights
 

@@ -76,6 +76,10 @@ class FlattenDeitAttention(FocusedLinearAttention):
         """The patch keys' encoding on their grid, after a zero row for each prefix token: (1, P + H*W, C)."""
         return self._with_prefix_rows(super().key_positional_encoding(key_size))
 
+    def add_key_encoding(self, k: torch.Tensor, key_size: Tuple[int, int]):
+        """Inference: the patch keys' encoding added to the patch keys in place; the prefix keys get none."""
+        super().add_key_encoding(k[:, self.num_prefix_tokens:], key_size)
+
     def local_mixing(self, v: torch.Tensor, feat_size: Tuple[int, int], kernel: Optional[tuple] = None
                      ) -> torch.Tensor:
         """The depthwise conv of the patch tokens' V on their grid, after a zero row for each prefix token."""

@@ -182,11 +182,16 @@ def _images(batch_size: int, img_size: Size, device: torch.device) -> torch.Tens
     return torch.randn(batch_size, 3, *img_size, device=device)
 
 
+_HOST_MEMORY = (torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.MKLDNN, torch.autograd.DeviceType.IDEEP)
+
+
 def _allocated_peak_bytes(profiler) -> int:
-    """The highest sum of the CPU allocations a `torch.profiler.profile(profile_memory=True)` saw, from zero at
-    its start: each allocation and free in time order."""
-    events = sorted((e.start_ns(), e.nbytes()) for e in profiler.profiler.kineto_results.events()
-                    if e.name() == '[memory]' and e.device_type() == torch.autograd.DeviceType.CPU)
+    """The highest sum of the host allocations a `torch.profiler.profile(profile_memory=True)` saw, from zero at
+    its start: each allocation and free in time order (a free of a tensor from before the start lowers the sum)."""
+    events = sorted(((e.start_ns(), e.nbytes()) for e in profiler.profiler.kineto_results.events()
+                     if e.name() == '[memory]' and e.device_type() in _HOST_MEMORY), key=lambda event: event[0])
+    if not events:  # every step allocates: no events means this build's profiler records none
+        raise RuntimeError("torch's profiler recorded no allocations")
     held = peak = 0
     for _, nbytes in events:
         held += nbytes
@@ -200,15 +205,22 @@ def _native_stderr_silenced():
     every start and stop that no option turns off. (The steps it traces have run before: their warnings have
     been shown.)"""
     sys.stderr.flush()
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     try:
-        os.dup2(devnull, 2)
+        saved = os.dup(2)
+    except OSError:  # no stderr to silence
         yield
+        return
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, 2)
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(devnull)
     finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)
         os.close(saved)
-        os.close(devnull)
 
 
 def cpu_peak_memory_mib(contender: Tuple[str, str], img_size: Size, batch_size: int, dtype: str = 'fp32',
@@ -218,10 +230,11 @@ def cpu_peak_memory_mib(contender: Tuple[str, str], img_size: Size, batch_size: 
     counts it: the bytes of tensors held at the highest point, the weights, the input and everything two steps
     allocate (caches the first one keeps included).
 
-    The model is built afresh and its steps' allocations and frees are read from torch's profiler. Like CUDA's
-    figure it leaves out what the allocator keeps of freed memory (glibc's heap, whose resident pages varied by
-    25 MiB between identical runs of one model) and the libraries' code and own buffers. None, with a warning,
-    where the steps fail or this build of torch's profiler records no allocations.
+    The model is built afresh and its steps' allocations and frees are read from torch's profiler (in compile
+    mode, after one step that compiles). Like CUDA's figure it leaves out what the allocator keeps of freed memory
+    (glibc's heap, whose resident pages varied by 25 MiB between identical runs of one model) and the libraries'
+    code and own buffers. None, with a warning, where the steps fail or this build of torch's profiler records no
+    allocations.
     """
     try:
         torch.manual_seed(0)
@@ -230,6 +243,8 @@ def cpu_peak_memory_mib(contender: Tuple[str, str], img_size: Size, batch_size: 
         step = _make_step(model, x, dtype, mode, torch.device('cpu'))
         tensors = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
                    for t in (*model.parameters(), *model.buffers(), x)}
+        if mode == 'compile':
+            step()  # compiling allocates what no later call does (and compiled calls keep no caches)
         with _native_stderr_silenced(), torch.profiler.profile(
                 activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
             step()  # the first step's one-time allocations (caches kept for the next calls) count too
@@ -326,8 +341,8 @@ def benchmark(models: Sequence[str], img_sizes: Sequence = (224,), batch_size: i
     """Measure each flatten model, its softmax peer and (with official_repo) the official code, side by side.
 
     img_sizes: 224 or (800, 1344) / '800x1344'; features_only: the backbones as detectors use them.
-    Peak memory: CUDA's max_memory_allocated; on a CPU (cpu_memory) `cpu_peak_memory_mib`, the same count from
-    torch's profiler.
+    Peak memory: CUDA's max_memory_allocated over a step, every contender of the group resident; on a CPU
+    (cpu_memory) `cpu_peak_memory_mib`, the count for the contender alone, from torch's profiler.
     progress(text), if given, is told what is being measured as it starts: '[n/m] model beside peer at size, ...'.
     """
     device = torch.device(device)

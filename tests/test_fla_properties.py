@@ -25,6 +25,7 @@ everywhere):
   gradient. Half-precision gradients are compared with C >= 16.
 """
 import dataclasses
+import importlib
 import os
 from typing import Optional
 
@@ -347,12 +348,24 @@ module_impl_not_overridden = pytest.mark.skipif(
 @settings(PROPERTY, max_examples=40)
 @given(grid=st.sampled_from(GRIDS), sr_ratio=st.sampled_from([1, 2]), heads=st.integers(1, 4),
        head_dim=st.sampled_from(HEAD_DIMS), batch=st.integers(1, 2), qkv_bias=st.booleans(),
-       autograd=st.booleans(), seed=st.integers(0, 2 ** 31 - 1))
+       autograd=st.booleans(), scaling_pass=st.booleans(), seed=st.integers(0, 2 ** 31 - 1))
 def test_module_torch_path_equals_its_reference_path(grid, sr_ratio, heads, head_dim, batch, qkv_bias, autograd,
-                                                      seed):
+                                                      scaling_pass, seed):
     """FocusedLinearAttention on tokens of an h x w grid (sr_ratio=2: keys from the reduced grid), its 'torch'
-    path (kernel scale folded into the projections, key offset and residual inside the attention) against its
-    'reference' path (the spec's steps): outputs, and the gradients of the input and of every parameter."""
+    path (kernel scale folded into the projections, or in inference applied by a pass as wide layers do on a
+    CPU; key encoding and residual) against its 'reference' path (the spec's steps): outputs, and the gradients
+    of the input and of every parameter."""
+    modules = importlib.import_module('flatten_timm.layers.fla.modules')
+    fold_limit = modules.FOLDED_PROJECTION_MAX_ELEMENTS
+    modules.FOLDED_PROJECTION_MAX_ELEMENTS = 0 if scaling_pass else 2 ** 62
+    try:
+        _module_torch_path_equals_its_reference_path(grid, sr_ratio, heads, head_dim, batch, qkv_bias, autograd,
+                                                     seed)
+    finally:
+        modules.FOLDED_PROJECTION_MAX_ELEMENTS = fold_limit
+
+
+def _module_torch_path_equals_its_reference_path(grid, sr_ratio, heads, head_dim, batch, qkv_bias, autograd, seed):
     torch.manual_seed(seed)
     dim = heads * head_dim
     layer = FocusedLinearAttention(dim, heads, grid_size=grid, sr_ratio=sr_ratio, qkv_bias=qkv_bias)

@@ -82,32 +82,34 @@ def test_other_grid_resizes_positional_encoding_and_caches_it_for_inference():
     assert attn.positional_encoding.grad.abs().sum() > 0
 
 
-def test_tables_of_large_grids_are_kept_up_to_the_layers_limit():
+@pytest.mark.parametrize('path', ['folded', 'scaled'])
+def test_tables_of_large_grids_are_kept_up_to_the_layers_limit(path, monkeypatch):
     """A key encoding resized to another grid is kept only up to the layer's max_cached_table_elements (FLatten-DeiT
     sets one: kept in each of its blocks at a large image, the tables would outweigh the inference's own memory);
-    without a limit, and at the grid it was learned at, it is kept at any size."""
+    without a limit, and at the grid it was learned at, it is kept at any size. So on both inference paths: the
+    folded projections' (a scaled table) and the one pass's (the table as it is)."""
     from flatten_timm.layers.parameter_cache import MAX_CACHED_TABLE_ELEMENTS
     from flatten_timm.models.flatten_deit import FlattenDeitAttention
+    _set_folded_projection_limit(monkeypatch, path)
     small, large = (10, 6), (130, 130)  # 960 and 270,400 rows x channels, the limit between them
     assert small[0] * small[1] * 16 <= MAX_CACHED_TABLE_ELEMENTS < large[0] * large[1] * 16
     assert FlattenDeitAttention(16, 2, grid_size=(8, 8)).max_cached_table_elements == MAX_CACHED_TABLE_ELEMENTS
     limited = FocusedLinearAttention(16, 2, grid_size=(8, 8), max_cached_table_elements=MAX_CACHED_TABLE_ELEMENTS)
     unlimited = FocusedLinearAttention(16, 2, grid_size=(8, 8))
     learned_large = FocusedLinearAttention(16, 2, grid_size=large, max_cached_table_elements=MAX_CACHED_TABLE_ELEMENTS)
+
+    def key(size):
+        return (*size, torch.float32) if path == 'folded' else ('key encoding', *size)
     with torch.no_grad():
         for attn in (limited.eval(), unlimited.eval(), learned_large.eval()):
             for size in (small, large):
                 attn(torch.randn(1, size[0] * size[1], 16), size)
-        assert ('key encoding', *small) in limited._folded._entries
-        assert ('key encoding', *large) not in limited._folded._entries
-        assert ('key encoding', *large) in unlimited._folded._entries
-        assert ('key encoding', *large) not in learned_large._folded._entries  # its parameter, as it is
-        with torch.autocast('cpu', dtype=torch.bfloat16):  # folded into the projections: the table scaled
-            for attn in (limited, unlimited):
-                attn(torch.randn(1, large[0] * large[1], 16), large)
-        assert (*large, torch.bfloat16) not in limited._folded._entries
-        assert (*large, torch.bfloat16) in unlimited._folded._entries
-        # recomputed on every call, scaled in its own buffer: the parameter stays as it was
+        assert key(small) in limited._folded._entries
+        assert key(large) not in limited._folded._entries
+        assert key(large) in unlimited._folded._entries
+        # at its training grid: a scaled copy of the parameter, or the parameter itself
+        assert (key(large) in learned_large._folded._entries) == (path == 'folded')
+        # recomputed on every call, in its own buffer: the parameter stays as it was
         _randomize(limited)
         table = limited.positional_encoding.clone()
         x = torch.randn(1, large[0] * large[1], 16)
@@ -115,6 +117,13 @@ def test_tables_of_large_grids_are_kept_up_to_the_layers_limit():
         limited.attn_impl = 'reference'
         torch.testing.assert_close(fast, limited(x, large), rtol=1e-3, atol=5e-5)
         assert torch.equal(limited.positional_encoding, table)
+
+
+def _set_folded_projection_limit(monkeypatch, path: str):
+    """Make every layer take one inference path on the CPU: 'folded' projections or the 'scaled' pass."""
+    import importlib
+    fla = importlib.import_module('flatten_timm.layers.fla.modules')
+    monkeypatch.setattr(fla, 'FOLDED_PROJECTION_MAX_ELEMENTS', 2 ** 62 if path == 'folded' else 0)
 
 
 def test_autocast_bf16_is_finite():
@@ -129,15 +138,15 @@ def test_autocast_bf16_is_finite():
 
 @pytest.mark.parametrize('sr_ratio', [1, 2])
 def test_inference_reuses_what_it_folds_from_the_parameters(sr_ratio, monkeypatch):
-    """The projections' parts, kernel scales and mixing kernel are taken once for inference, and again
+    """Folded projections, mixing kernel and scaled key encoding are computed once for inference, and again
     whenever a parameter changes (in place, loaded, moved or cast); with gradients they are in the graph."""
     import copy
     import importlib
     import pickle
     fla = importlib.import_module('flatten_timm.layers.fla.modules')
     folds = []
-    split = fla._split_kernel_rows
-    monkeypatch.setattr(fla, '_split_kernel_rows', lambda *args: folds.append(1) or split(*args))
+    fold = fla._fold_kernel_into
+    monkeypatch.setattr(fla, '_fold_kernel_into', lambda *args: folds.append(1) or fold(*args))
 
     attn = FocusedLinearAttention(16, 2, grid_size=(6, 6), sr_ratio=sr_ratio).eval()
     _randomize(attn)
@@ -177,25 +186,76 @@ def test_inference_reuses_what_it_folds_from_the_parameters(sr_ratio, monkeypatc
     assert attn.scale.grad.abs().sum() > 0 and attn.dwc.weight.grad.abs().sum() > 0
 
 
+def test_only_wide_layers_apply_the_scale_by_a_pass():
+    """Layers up to 256 channels keep folded projections (a pass over their q and k costs relatively most, the copy
+    little); wider ones apply the scale by a pass on a CPU in the parameters' dtype, and fold everywhere else."""
+    from flatten_timm.layers.fla.modules import FOLDED_PROJECTION_MAX_ELEMENTS
+    narrow, wide = FocusedLinearAttention(256, 4), FocusedLinearAttention(264, 4)
+    assert 2 * 256 ** 2 == FOLDED_PROJECTION_MAX_ELEMENTS
+    x = torch.randn(1, 16, 264)
+    with torch.no_grad():
+        assert not narrow._scales_in_a_pass(torch.randn(1, 16, 256)) and wide._scales_in_a_pass(x)
+        assert not wide._scales_in_a_pass(x.double())  # not the parameters' dtype
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            assert not wide._scales_in_a_pass(x)
+        assert not wide._scales_in_a_pass(x.to('meta'))  # not a CPU
+    assert not wide._scales_in_a_pass(x)  # training
+
+
 @pytest.mark.parametrize('sr_ratio', [1, 2])
-def test_float32_inference_keeps_no_copy_of_the_projections(sr_ratio):
-    """Inference in the parameters' dtype applies the kernel's 1 / s and shift to q and k by one pass, instead of
-    keeping projections with them folded in (two thirds of every qkv weight): what it keeps are views of the
-    parameters and vectors; its output is the folded path's (training's) and the spec's."""
-    attn = FocusedLinearAttention(32, 4, grid_size=(6, 6), sr_ratio=sr_ratio).eval()
+def test_the_scaling_pass_keeps_no_copy_of_the_projections(sr_ratio, monkeypatch):
+    """Inference that applies the kernel's 1 / s and shift to q and k by one pass keeps no projections with them
+    folded in (two thirds of every qkv weight): what it keeps are views of the parameters and vectors (here: the
+    scales and floors, the mixing kernel repeated per head and its bias, the key encoding resized to the key
+    grid); its output is the folded path's (training's) and the spec's."""
+    _set_folded_projection_limit(monkeypatch, 'scaled')
+    C, heads = 32, 4
+    attn = FocusedLinearAttention(C, heads, grid_size=(6, 6), sr_ratio=sr_ratio).eval()
     _randomize(attn)
-    x = torch.randn(2, 8 * 10, 32)
+    x = torch.randn(2, 8 * 10, C)
     with torch.no_grad():
         out = attn(x, (8, 10))
     parameter_storages = {p.untyped_storage().data_ptr() for p in attn.parameters()}
     kept = [t for entry in attn._folded._entries.values() for t in _tensors_in(entry[1])]
-    assert kept
     copies = [t for t in kept if t.untyped_storage().data_ptr() not in parameter_storages]
-    assert sum(t.numel() for t in copies) <= 5 * 32 + attn.dwc.weight.numel() * attn.num_heads + 32 * 8 * 10, \
-        [tuple(t.shape) for t in copies]  # scales, floors, the mixing kernel and bias, a resized key encoding
+    scales = (2 if sr_ratio == 1 else 1) * 2 * C
+    keys = 8 * 10 if sr_ratio == 1 else 4 * 5  # the key encoding resized from 6 x 6 (or 3 x 3) to the key grid
+    expected = scales + attn.dwc.weight.numel() * heads + C + keys * C
+    assert sum(t.numel() for t in copies) == expected, [tuple(t.shape) for t in copies]
     torch.testing.assert_close(out, attn(x, (8, 10)).detach(), rtol=1e-5, atol=1e-5)  # the folded path
     attn.attn_impl = 'reference'
     torch.testing.assert_close(out, attn(x, (8, 10)).detach(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize('sr_ratio', [1, 2])
+def test_the_scaling_pass_in_half_precision_parameters(dtype, sr_ratio, monkeypatch):
+    """A model converted to bf16 / fp16 (no autocast) takes the pass in its own dtype, as accurate as the folded
+    path (training's) against the float64 spec of the same rounded parameters, FLatten-DeiT's class token
+    included."""
+    import copy
+    from flatten_timm.models.flatten_deit import FlattenDeitAttention
+    _set_folded_projection_limit(monkeypatch, 'scaled')
+    layers = [(FocusedLinearAttention(32, 4, grid_size=(6, 6), sr_ratio=sr_ratio), 0)]
+    if sr_ratio == 1:
+        layers.append((FlattenDeitAttention(32, 4, grid_size=(6, 6)), 1))
+    for attn, prefix in layers:
+        _randomize(attn)
+        attn.to(dtype).eval()
+        spec = copy.deepcopy(attn).double()
+        spec.attn_impl = 'reference'
+        x = torch.randn(2, prefix + 8 * 10, 32, dtype=dtype)
+        with torch.no_grad():
+            assert attn._scales_in_a_pass(x)
+            out = attn(x, (8, 10))
+            expected = spec(x.double(), (8, 10))
+        folded = attn(x, (8, 10)).detach()
+
+        def error(t):
+            return float((t.double() - expected).norm() / expected.norm())
+        assert out.dtype == dtype and torch.isfinite(out).all()
+        assert error(out) < (0.01 if dtype == torch.bfloat16 else 0.002)
+        assert error(out) < 1.2 * error(folded), (error(out), error(folded))
 
 
 def _tensors_in(value):

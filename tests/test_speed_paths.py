@@ -252,6 +252,28 @@ def test_cpu_peak_memory_counts_weights_input_and_what_the_steps_hold(monkeypatc
     assert bench_module.cpu_peak_memory_mib(('flatten_no_such_model', 'flatten'), (64, 64), 1) is None
 
 
+def test_cpu_peak_memory_without_recorded_allocations_is_none_and_stderr_comes_back(monkeypatch):
+    """A profiler that records no allocations gives None, not the weights alone; the process's stderr, silenced
+    while the profiler runs, is the same file afterwards."""
+    import os
+    from flatten_timm import benchmark as bench_module
+
+    class Recorded:  # what a profiler without allocation events gives
+        class profiler:
+            class kineto_results:
+                @staticmethod
+                def events():
+                    return []
+    with pytest.raises(RuntimeError, match='recorded no allocations'):
+        bench_module._allocated_peak_bytes(Recorded)
+    stderr_before = os.fstat(2)
+    read = bench_module._allocated_peak_bytes
+    monkeypatch.setattr(bench_module, '_allocated_peak_bytes', lambda profiler: read(Recorded))
+    assert bench_module.cpu_peak_memory_mib(('flatten_pvt_v2_b0', 'flatten'), (64, 64), 1) is None
+    stderr_after = os.fstat(2)
+    assert (stderr_after.st_dev, stderr_after.st_ino) == (stderr_before.st_dev, stderr_before.st_ino)
+
+
 def test_a_failing_group_is_logged_and_the_others_measured(monkeypatch, caplog):
     from flatten_timm import benchmark as bench_module
     measure = bench_module._measure

@@ -1,9 +1,10 @@
 """ Tensors computed from parameters, kept between inference calls.
 
-A focused linear attention layer folds its kernel's scale into the q/k projections, scales its key
-positional encoding and sums its depthwise kernels on every call: a dozen small ops that depend only on
-the parameters. In inference they are computed once and reused, which spares a small map (a detector
-neck's) most of its per-call overhead and a GPU a dozen kernel launches per layer.
+A focused linear attention layer folds its kernel's scale into the q/k projections (or takes the scale and floor
+vectors that its wide layers apply in one pass on a CPU), scales or resizes its key positional encoding and sums its
+depthwise kernels on every call: a dozen small ops that depend only on the parameters. In inference they are
+computed once and reused, which spares a small map (a detector neck's) most of its per-call overhead and a GPU a
+dozen kernel launches per layer.
 """
 from collections import OrderedDict
 from typing import Callable, Hashable, Iterable, TypeVar

@@ -199,9 +199,9 @@ def focused_linear_attention(
 ) -> torch.Tensor:
     """Focused linear attention by torch ops on (B, N, C) tokens of any strides: (B, N, C) in v's dtype.
 
-    q: (B, N, C) and k: (B, n, C) enter already shifted and divided by the kernel's scale,
-    q = (q_proj + 1e-6) / s, and floor = 1e-6 / s of shape (C,) (the module folds 1 / s and the shift into its
-    projection); v: (B, n, C). residual (B, N, C) is added to the output (the depthwise conv of V). key_offset,
+    q: (B, N, C) and k: (B, n, C) enter already shifted and divided by the kernel's scale, q = (q_proj + 1e-6) / s,
+    and floor = 1e-6 / s of shape (C,) (the module folds 1 / s and the shift into its projection, or applies them by
+    one pass); v: (B, n, C). residual (B, N, C) is added to the output (the depthwise conv of V). key_offset,
     broadcastable to k (the key positional encoding), is added to k first. Equal to
     `linear_attention(focusing_map(.), focusing_map(.), v)` of the spec.
     overwrite_inputs: without autograd (and outside traced graphs), q, k and residual may be used as scratch

@@ -1,9 +1,9 @@
 """ FocusedLinearAttention (tokens) and FocusedLinearAttention2d (channels-first maps): the paper's steps.
 
 Project q, k and v, the kernel's 1 / s and its 1e-6 shift folded into the q and k projections (training,
-autocast, traced graphs) or applied to q and k by one pass (inference in the parameters' dtype); attend
-(dispatch.py picks the implementation); the depthwise conv of V that restores the rank; project out. Keys and
-values may come from a spatially reduced grid (PVT).
+autocast, traced graphs, a GPU, narrow layers) or applied to q and k by one pass (wide layers' CPU inference in
+the parameters' dtype); attend (dispatch.py picks the implementation); the depthwise conv of V that restores
+the rank; project out. Keys and values may come from a spatially reduced grid (PVT).
 """
 from typing import Optional, Tuple
 
@@ -37,36 +37,37 @@ def _projection_dtype(x: torch.Tensor, param_dtype: torch.dtype) -> torch.dtype:
 _WeightBias = Tuple[torch.Tensor, Optional[torch.Tensor]]
 
 
-def _split_kernel_rows(linear: nn.Linear, num_kernel_parts: int, dtype: torch.dtype
-                       ) -> Tuple[_WeightBias, Optional[_WeightBias]]:
-    """(weight, bias) of the first num_kernel_parts C-wide outputs of `linear` (q and/or k) and of its other
-    outputs (v; None if it has none), in `dtype`: views of the parameters where they have that dtype."""
-    C = linear.in_features
-    rows = (num_kernel_parts * C, linear.out_features - num_kernel_parts * C)
-    # split, not sliced: in a training step one backward op joins the parts' gradients
-    weight, rest_weight = linear.weight.split(rows)
-    bias, rest_bias = (None, None) if linear.bias is None else linear.bias.split(rows)
-    kernel_part = (weight.to(dtype), None if bias is None else bias.to(dtype))
-    rest = None
-    if rows[1]:
-        rest = (rest_weight.to(dtype), None if rest_bias is None else rest_bias.to(dtype))
-    return kernel_part, rest
+def _weight_and_bias(weight: torch.Tensor, bias: Optional[torch.Tensor], dtype: torch.dtype) -> _WeightBias:
+    """(weight, bias) in `dtype`: the tensors themselves where they have it."""
+    return weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
 def _fold_kernel_into(linear: nn.Linear, inv_scale: torch.Tensor, num_kernel_parts: int, dtype: torch.dtype
                       ) -> Tuple[_WeightBias, Optional[_WeightBias]]:
-    """As `_split_kernel_rows`, with the first parts shifted and divided by the scale.
+    """(weight, bias) of the first num_kernel_parts C-wide outputs of `linear` (q and/or k) shifted and divided
+    by the scale, and (weight, bias) of its other outputs (v) as they are (None if it has none), all in `dtype`.
 
     (W x + b + 1e-6) / s is one matmul with the rows of W and b scaled: no pass over the tokens is added. The
     other rows are left alone (a training step computes this on every call: few ops, none over v's rows).
     """
     C = inv_scale.shape[0]
-    (weight, bias), _ = _split_kernel_rows(linear, num_kernel_parts, linear.weight.dtype)
-    _, rest = _split_kernel_rows(linear, num_kernel_parts, dtype)
+    rows = (num_kernel_parts * C, linear.out_features - num_kernel_parts * C)
+    # split, not sliced: in a training step one backward op joins the parts' gradients
+    weight, rest_weight = linear.weight.split(rows)
+    bias, rest_bias = (None, None) if linear.bias is None else linear.bias.split(rows)
     weight = (weight.unflatten(0, (num_kernel_parts, C)) * inv_scale.unsqueeze(-1)).flatten(0, 1)
     shift = _KERNEL_SHIFT if bias is None else bias.unflatten(0, (num_kernel_parts, C)) + _KERNEL_SHIFT
     bias = (shift * inv_scale).expand(num_kernel_parts, C).flatten()
+    rest = _weight_and_bias(rest_weight, rest_bias, dtype) if rows[1] else None
     return (weight.to(dtype), bias.to(dtype)), rest
+
+
+# Widest layer whose inference on a CPU keeps its q/k projections with the kernel's scale folded in: 2 * 256^2
+# values, 0.5 MiB in float32. Wider layers apply the scale to q and k by one pass instead and keep no copy. A
+# pass costs in proportion to the tokens times C, the projection to the tokens times C^2: at C = 384 it costs
+# FLatten-DeiT-S 0.3% at 224 px and spares it 14 MiB; at C = 64-128 it cost FLatten-CSWin-T 1.9% at 800x1344
+# px to spare 0.3 MiB.
+FOLDED_PROJECTION_MAX_ELEMENTS = 2 * 256 ** 2
 
 
 @register_notrace_module  # shape-dependent control flow (grids, windows, padding): a leaf for torch.fx
@@ -144,7 +145,8 @@ class FocusedLinearAttention(nn.Module):
                 f'key_grid_size={self.key_grid_size}')
 
     def key_positional_encoding(self, key_size: Tuple[int, int]) -> torch.Tensor:
-        """The key positional encoding resized to the actual key grid: (1, n, C), a row per key."""
+        """The key positional encoding resized to the actual key grid: (1, n, C), a row per key. (Inference adds
+        it by `add_key_encoding`: a subclass that changes one changes the other.)"""
         return resample_grid_tokens(self.positional_encoding, self.key_grid_size, key_size)
 
     def project(self, x: torch.Tensor, feat_size: Tuple[int, int]):
@@ -243,8 +245,9 @@ class FocusedLinearAttention(nn.Module):
         return key_size == self.key_grid_size or limit is None or key_size[0] * key_size[1] * self.dim <= limit
 
     def add_key_encoding(self, k: torch.Tensor, key_size: Tuple[int, int]):
-        """Inference: add the key positional encoding at key_size to the (B, n, C) keys in place. At the training
-        grid that is the parameter itself; a resized table is kept up to `max_cached_table_elements`."""
+        """Inference (`project_scaled`): add `key_positional_encoding(key_size)` to the (B, n, C) keys in place,
+        without building that table at the training grid (the parameter itself is added); a resized table is kept
+        up to `max_cached_table_elements`."""
         key_size = (int(key_size[0]), int(key_size[1]))
         if key_size == self.key_grid_size:
             table = self.positional_encoding
@@ -267,9 +270,13 @@ class FocusedLinearAttention(nn.Module):
             parts = 2 if self.qkv is not None else 1
             inv_scale, floor = inv_scale.repeat(parts), (inv_scale * _KERNEL_SHIFT).repeat(parts)
             if self.qkv is not None:
-                projections = _split_kernel_rows(self.qkv, 2, dtype)
+                C = self.dim  # q and k's rows, then v's: views, split as the folded path splits them
+                weight, v_weight = self.qkv.weight.split((2 * C, C))
+                bias, v_bias = (None, None) if self.qkv.bias is None else self.qkv.bias.split((2 * C, C))
+                projections = (_weight_and_bias(weight, bias, dtype), _weight_and_bias(v_weight, v_bias, dtype))
             else:
-                projections = (_split_kernel_rows(self.q, 1, dtype)[0], _split_kernel_rows(self.kv, 2, dtype)[0])
+                projections = (_weight_and_bias(self.q.weight, self.q.bias, dtype),
+                               _weight_and_bias(self.kv.weight, self.kv.bias, dtype))
             weight, bias, padding = self.local_mixing_kernel()
             kernel = (weight.to(dtype), bias.to(dtype) if bias is not None else None, padding)
             return inv_scale, floor, projections, kernel
@@ -295,11 +302,20 @@ class FocusedLinearAttention(nn.Module):
         key_encoding = self._scaled_key_encoding(key_size, inv_scale, k.dtype)
         return q, k, v, key_size, floor, key_encoding, mixing_kernel
 
+    def _scales_in_a_pass(self, x: torch.Tensor) -> bool:
+        """Whether this call takes `project_scaled`: CPU inference in the parameters' dtype (no autocast, no graph
+        traced) of a layer wider than `FOLDED_PROJECTION_MAX_ELEMENTS` allows to fold. Elsewhere the folded
+        projections: on a GPU a pass is one more launch per layer (and the Triton kernels add the key encoding in
+        their loads), and training needs the folded weights' gradients anyway."""
+        return (x.device.type == 'cpu' and 2 * self.dim * self.dim > FOLDED_PROJECTION_MAX_ELEMENTS
+                and x.dtype == self.scale.dtype and ParameterCache.active()
+                and _projection_dtype(x, self.scale.dtype) == self.scale.dtype)
+
     def project_scaled(self, x: torch.Tensor, feat_size: Tuple[int, int]):
-        """`project_folded`'s q and k, v and the rest, for inference in the parameters' dtype: the projections as
+        """`project_folded`'s q and k, v and the rest, for CPU inference in the parameters' dtype: the projections as
         they are, the key encoding added to k, then one pass over q and k shifts them and divides them by the
         kernel's scale. No folded copy of the projections is kept (two thirds of every qkv weight, 14 MiB for
-        FLatten-DeiT-S); the pass costs about 0.3% of that model's forward at 224 px on a CPU."""
+        FLatten-DeiT-S); see `FOLDED_PROJECTION_MAX_ELEMENTS` for what the pass costs."""
         inv_scale, floor, projections, mixing_kernel = self.inference_parameters(x.dtype)
         C = self.dim
         if self.qkv is not None:
@@ -322,9 +338,7 @@ class FocusedLinearAttention(nn.Module):
         if impl == 'reference':
             q, k, v, key_size = self.project(x, feat_size)
             return self.proj_drop(self.proj(self.attend(q, k, v, feat_size, key_size)))
-        # inference in the parameters' dtype needs no folded copy of the weights
-        scaled = ParameterCache.active() and _projection_dtype(x, self.scale.dtype) == self.scale.dtype
-        project = self.project_scaled if scaled else self.project_folded
+        project = self.project_scaled if self._scales_in_a_pass(x) else self.project_folded
         q, k, v, key_size, floor, key_encoding, mixing_kernel = project(x, feat_size)
         rank_restoration = self.local_mixing(v, feat_size, mixing_kernel)
         # q, k and the residual are this call's own buffers: the attention may use them as scratch space

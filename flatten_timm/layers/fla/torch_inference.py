@@ -1,8 +1,8 @@
 """ Focused linear attention by torch ops, without autograd: few passes over memory, on tokens of any strides.
 
 The module hands over q and k already shifted and divided by the kernel's scale, q = (q_proj + 1e-6) / s (it
-folds 1 / s and the shift into its projection), so the kernel (relu(q_proj) + 1e-6) / s is max(q, floor) with
-floor = 1e-6 / s. Then
+folds 1 / s and the shift into its projection, or applies them by one pass), so the kernel (relu(q_proj) + 1e-6) / s
+is max(q, floor) with floor = 1e-6 / s. Then
 - the kernel, its power and both norms are a few passes, over q and k at once when they are the two halves of
   one projection's output (or stacked, on a GPU);
 - the 1 / n of the spec's k^T v / n and mean(phi(k)) cancels between numerator and normaliser but for the

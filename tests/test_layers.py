@@ -2,6 +2,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._pytree import tree_flatten
 
 from flatten_timm.layers import FocusedLinearAttention
 
@@ -216,7 +217,8 @@ def test_the_scaling_pass_keeps_no_copy_of_the_projections(sr_ratio, monkeypatch
     with torch.no_grad():
         out = attn(x, (8, 10))
     parameter_storages = {p.untyped_storage().data_ptr() for p in attn.parameters()}
-    kept = [t for entry in attn._folded._entries.values() for t in _tensors_in(entry[1])]
+    kept = [t for entry in attn._folded._entries.values() for t in tree_flatten(entry[1])[0]
+            if isinstance(t, torch.Tensor)]
     copies = [t for t in kept if t.untyped_storage().data_ptr() not in parameter_storages]
     scales = (2 if sr_ratio == 1 else 1) * 2 * C
     keys = 8 * 10 if sr_ratio == 1 else 4 * 5  # the key encoding resized from 6 x 6 (or 3 x 3) to the key grid
@@ -256,14 +258,6 @@ def test_the_scaling_pass_in_half_precision_parameters(dtype, sr_ratio, monkeypa
         assert out.dtype == dtype and torch.isfinite(out).all()
         assert error(out) < (0.01 if dtype == torch.bfloat16 else 0.002)
         assert error(out) < 1.2 * error(folded), (error(out), error(folded))
-
-
-def _tensors_in(value):
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [t for item in value for t in _tensors_in(item)]
-    return []
 
 
 def test_parameter_cache_keeps_the_recent_keys_only():

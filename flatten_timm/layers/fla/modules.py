@@ -42,6 +42,15 @@ def _weight_and_bias(weight: torch.Tensor, bias: Optional[torch.Tensor], dtype: 
     return weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
+def _split_rows(linear: nn.Linear, first_rows: int) -> Tuple[_WeightBias, _WeightBias]:
+    """(weight, bias) of the first `first_rows` outputs of `linear` and of the others: views of its parameters.
+    Split, not sliced: in a training step one backward op joins the parts' gradients."""
+    rows = (first_rows, linear.out_features - first_rows)
+    weight, rest_weight = linear.weight.split(rows)
+    bias, rest_bias = (None, None) if linear.bias is None else linear.bias.split(rows)
+    return (weight, bias), (rest_weight, rest_bias)
+
+
 def _fold_kernel_into(linear: nn.Linear, inv_scale: torch.Tensor, num_kernel_parts: int, dtype: torch.dtype
                       ) -> Tuple[_WeightBias, Optional[_WeightBias]]:
     """(weight, bias) of the first num_kernel_parts C-wide outputs of `linear` (q and/or k) shifted and divided
@@ -51,14 +60,11 @@ def _fold_kernel_into(linear: nn.Linear, inv_scale: torch.Tensor, num_kernel_par
     other rows are left alone (a training step computes this on every call: few ops, none over v's rows).
     """
     C = inv_scale.shape[0]
-    rows = (num_kernel_parts * C, linear.out_features - num_kernel_parts * C)
-    # split, not sliced: in a training step one backward op joins the parts' gradients
-    weight, rest_weight = linear.weight.split(rows)
-    bias, rest_bias = (None, None) if linear.bias is None else linear.bias.split(rows)
+    (weight, bias), (rest_weight, rest_bias) = _split_rows(linear, num_kernel_parts * C)
     weight = (weight.unflatten(0, (num_kernel_parts, C)) * inv_scale.unsqueeze(-1)).flatten(0, 1)
     shift = _KERNEL_SHIFT if bias is None else bias.unflatten(0, (num_kernel_parts, C)) + _KERNEL_SHIFT
     bias = (shift * inv_scale).expand(num_kernel_parts, C).flatten()
-    rest = _weight_and_bias(rest_weight, rest_bias, dtype) if rows[1] else None
+    rest = _weight_and_bias(rest_weight, rest_bias, dtype) if rest_weight.shape[0] else None
     return (weight.to(dtype), bias.to(dtype)), rest
 
 
@@ -205,6 +211,11 @@ class FocusedLinearAttention(nn.Module):
         self._folded.clear()
         return super()._apply(fn, *args, **kwargs)
 
+    def _local_mixing_kernel_in(self, dtype: torch.dtype) -> tuple:
+        """`local_mixing_kernel()` with its weight and bias in `dtype`."""
+        weight, bias, padding = self.local_mixing_kernel()
+        return (*_weight_and_bias(weight, bias, dtype), padding)
+
     def folded_parameters(self, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, tuple, tuple]:
         """What `project_folded` computes from the parameters: the kernel's 1 / s and floor 1e-6 / s (in the
         parameters' dtype), the (weight, bias) pairs of the projections with 1 / s and the shift folded in (q and
@@ -221,9 +232,7 @@ class FocusedLinearAttention(nn.Module):
                 v_bias = k_bias.new_zeros(v_weight.shape[0]) if v_bias is None else v_bias
                 kv = (torch.cat([k_weight, v_weight]), torch.cat([k_bias, v_bias]))
                 projections = (_fold_kernel_into(self.q, inv_scale, 1, dtype)[0], kv)
-            weight, bias, padding = self.local_mixing_kernel()
-            kernel = (weight.to(dtype), bias.to(dtype) if bias is not None else None, padding)
-            return inv_scale, inv_scale * _KERNEL_SHIFT, projections, kernel
+            return inv_scale, inv_scale * _KERNEL_SHIFT, projections, self._local_mixing_kernel_in(dtype)
         return self._folded.get(dtype, self.parameters(), fold)
 
     def _scaled_key_encoding(self, key_size: Tuple[int, int], inv_scale: torch.Tensor, dtype: torch.dtype):
@@ -249,15 +258,13 @@ class FocusedLinearAttention(nn.Module):
         without building that table at the training grid (the parameter itself is added); a resized table is kept
         up to `max_cached_table_elements`."""
         key_size = (int(key_size[0]), int(key_size[1]))
-        if key_size == self.key_grid_size:
-            table = self.positional_encoding
-        elif self._keeps_table(key_size):
-            table = self._folded.get(('key encoding', *key_size), (self.positional_encoding,),
-                                     lambda: resample_grid_tokens(self.positional_encoding, self.key_grid_size,
-                                                                  key_size))
+
+        def resized():  # the parameter itself at its own grid
+            return resample_grid_tokens(self.positional_encoding, self.key_grid_size, key_size)
+        if key_size != self.key_grid_size and self._keeps_table(key_size):
+            k.add_(self._folded.get(('key encoding', *key_size), (self.positional_encoding,), resized))
         else:
-            table = resample_grid_tokens(self.positional_encoding, self.key_grid_size, key_size)
-        k.add_(table)
+            k.add_(resized())
 
     def inference_parameters(self, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, tuple, tuple]:
         """What `project_scaled` computes from the parameters: the kernel's 1 / s and floor 1e-6 / s, each
@@ -269,17 +276,13 @@ class FocusedLinearAttention(nn.Module):
             inv_scale = (1 / F.softplus(self.scale.reshape(-1))).to(dtype)
             parts = 2 if self.qkv is not None else 1
             inv_scale, floor = inv_scale.repeat(parts), (inv_scale * _KERNEL_SHIFT).repeat(parts)
-            if self.qkv is not None:
-                C = self.dim  # q and k's rows, then v's: views, split as the folded path splits them
-                weight, v_weight = self.qkv.weight.split((2 * C, C))
-                bias, v_bias = (None, None) if self.qkv.bias is None else self.qkv.bias.split((2 * C, C))
-                projections = (_weight_and_bias(weight, bias, dtype), _weight_and_bias(v_weight, v_bias, dtype))
+            if self.qkv is not None:  # q and k's rows, then v's
+                qk, v = _split_rows(self.qkv, 2 * self.dim)
+                projections = (_weight_and_bias(*qk, dtype), _weight_and_bias(*v, dtype))
             else:
                 projections = (_weight_and_bias(self.q.weight, self.q.bias, dtype),
                                _weight_and_bias(self.kv.weight, self.kv.bias, dtype))
-            weight, bias, padding = self.local_mixing_kernel()
-            kernel = (weight.to(dtype), bias.to(dtype) if bias is not None else None, padding)
-            return inv_scale, floor, projections, kernel
+            return inv_scale, floor, projections, self._local_mixing_kernel_in(dtype)
         return self._folded.get(('inference', dtype), self.parameters(), compute)
 
     def project_folded(self, x: torch.Tensor, feat_size: Tuple[int, int]):
